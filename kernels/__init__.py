@@ -1,0 +1,1 @@
+"""Hot-path kernels with PyTorch reference implementations that define what "correct" means."""

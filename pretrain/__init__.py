@@ -1,0 +1,1 @@
+"""Pretraining system: configs, models, methods, engines, the train loop, checkpoints, tracking and evaluation."""
