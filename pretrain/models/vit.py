@@ -1,0 +1,163 @@
+"""Vision Transformer encoder with fixed sin-cos positions, built so MAE can encode visible patches only.
+
+Parameter names follow timm (patch_embed.proj, cls_token, blocks.N..., norm, head), so published
+ViT/MAE weights load by name; the position embedding is a non-persistent buffer, recomputed
+by `init_weights` rather than stored in checkpoints.
+"""
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.models.pos_embed import sincos_pos_embed_2d
+from pretrain.models.transformer import Block, init_linear_and_norm
+
+POOLS = ("cls", "mean")
+
+# size name -> (embed_dim, depth, num_heads)
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """[B, C, H, W] -> [B, L, p*p*C], patches row-major, pixels inside a patch ordered (row, col, channel) as in MAE."""
+    batch, channels, height, width = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
+    grid_h, grid_w = height // patch_size, width // patch_size
+    x = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
+    x = x.permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(batch, grid_h * grid_w, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: Tensor, patch_size: int, channels: int) -> Tensor:
+    """Inverse of `patchify` for a square grid: [B, L, p*p*C] -> [B, C, H, W]."""
+    batch, num_patches, _ = patches.shape
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"{num_patches} patches do not form a square grid")
+    x = patches.reshape(batch, grid, grid, patch_size, patch_size, channels)
+    x = x.permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(batch, channels, grid * patch_size, grid * patch_size)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameter entries (buffers such as fixed position embeddings are not parameters)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens via a strided conv (a Linear applied to each flattened patch)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size = img_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected {self.img_size}x{self.img_size} images, got {images.shape[-2]}x{images.shape[-1]}"
+            )
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patch tokens + fixed 2-D sin-cos positions, a cls token, pre-norm blocks, final norm, optional head."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        qkv_bias: bool = True,
+        attn_backend: str = "sdpa",
+        pool: str = "cls",
+    ) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.pool = pool
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
+        self.register_buffer("pos_embed", torch.empty(1, self.num_patches, embed_dim), persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, attn_backend=attn_backend)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialize parameters and the position buffer, e.g. after building on the meta device and `to_empty`."""
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.grid_size, self.grid_size, self.embed_dim).unsqueeze(0))
+        self.apply(init_linear_and_norm)
+        # The conv is a Linear over flattened patches: give it the same init as one.
+        conv = self.patch_embed.proj
+        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
+
+    def forward_tokens(self, images: Tensor, keep_indices: Tensor | None = None) -> Tensor:
+        """Normalized tokens [B, 1 + K, D], cls first.
+
+        `keep_indices` [B, K] selects which patches enter the encoder (MAE's visible set); positions are
+        added before the selection so every kept token carries its original location.
+        """
+        tokens = self.patch_embed(images) + self.pos_embed
+        if keep_indices is not None:
+            tokens = tokens.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_features(self, images: Tensor, pool: str | None = None) -> Tensor:
+        """Pooled features [B, D] for evaluation: the cls token, or the mean of the patch tokens."""
+        pool = pool or self.pool
+        tokens = self.forward_tokens(images)
+        if pool == "cls":
+            return tokens[:, 0]
+        if pool == "mean":
+            return tokens[:, 1:].mean(dim=1)
+        raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits when built with a head, pooled features otherwise."""
+        return self.head(self.forward_features(images))
+
+
+def build_vit(size: str, img_size: int = 224, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """A ViT of a standard size ("tiny" ... "huge"); `kwargs` go to VisionTransformer."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {size!r}; available: {', '.join(VIT_SIZES)}")
+    embed_dim, depth, num_heads = VIT_SIZES[size]
+    return VisionTransformer(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs
+    )
