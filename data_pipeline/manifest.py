@@ -54,9 +54,7 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {version!r} is not the supported {FORMAT_VERSION}")
         try:
-            splits = {
-                name: [ShardInfo(**shard) for shard in split["shards"]] for name, split in raw["splits"].items()
-            }
+            splits = {name: [ShardInfo(**shard) for shard in split["shards"]] for name, split in raw["splits"].items()}
             return cls(
                 root=path.parent,
                 source=raw["source"],

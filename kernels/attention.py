@@ -45,9 +45,7 @@ def get_attention_backend(name: str) -> AttentionFn:
     try:
         return _BACKENDS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown attention backend {name!r}; available: {', '.join(available_backends())}"
-        ) from None
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available_backends())}") from None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from kernels.attention import ATTENTION_BACKENDS, attention, available_backends, reference_attention
+from kernels.attention import (
+    ATTENTION_BACKENDS,
+    attention,
+    available_backends,
+    reference_attention,
+)
 
 TOLERANCES = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 

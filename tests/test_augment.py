@@ -86,9 +86,7 @@ def test_horizontal_flip_mirrors_with_probability_p():
     assert np.array_equal(np.asarray(RandomHorizontalFlip(0.0)(img, _gen(0))), np.asarray(img))
     tensor = ToTensor()(img)
     assert torch.equal(RandomHorizontalFlip(1.0)(tensor, _gen(0)), tensor.flip(-1))
-    flips = sum(
-        np.array_equal(np.asarray(RandomHorizontalFlip(0.5)(img, _gen(seed))), mirrored) for seed in range(400)
-    )
+    flips = sum(np.array_equal(np.asarray(RandomHorizontalFlip(0.5)(img, _gen(seed))), mirrored) for seed in range(400))
     assert 150 < flips < 250
     with pytest.raises(ValueError, match="p must be in"):
         RandomHorizontalFlip(1.5)

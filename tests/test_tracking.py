@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,11 +17,20 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pretrain.tracking import Tracker, flatten_config, local_tracking_uri, resolve_tracking_uri
+from pretrain.tracking import (
+    Tracker,
+    flatten_config,
+    local_tracking_uri,
+    resolve_tracking_uri,
+)
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
-_ENV_THE_TRACKER_SETS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-                         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+from mlflow_server import free_port, mlflow_server
+
+_ENV_THE_TRACKER_SETS = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -35,55 +38,6 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No ambient tracking URI, and the Tracker's env defaults don't leak into other tests."""
     for name in ("MLFLOW_TRACKING_URI", *_ENV_THE_TRACKER_SETS):
         monkeypatch.delenv(name, raising=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(root: Path, port: int) -> Iterator[str]:
-    """A real `mlflow server` on loopback, trimmed for 2 cores: one worker instead of four and no
-    background job runner (otherwise 8 extra processes) roughly halve startup, about 5 s vs 11 s."""
-    root.mkdir(parents=True, exist_ok=True)
-    cmd = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-           "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    url = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # so teardown can kill the whole group
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-                        if resp.status == 200:
-                            break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_tail = (root / "server.log").read_text()[-3000:]
-                    pytest.fail(f"mlflow server did not come up:\n{log_tail}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    started = time.monotonic()
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server"), _free_port()) as url:
-        print(f"mlflow server ready in {time.monotonic() - started:.1f}s")
-        yield url
 
 
 class _GatedProxy(ThreadingHTTPServer):
@@ -129,14 +83,20 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "pretrain.tracking" and r.levelno == logging.WARNING
-            and text in r.getMessage()]
+    return [
+        r
+        for r in caplog.records
+        if r.name == "pretrain.tracking" and r.levelno == logging.WARNING and text in r.getMessage()
+    ]
 
 
 def test_flatten_config_and_uri_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = {"optim": {"lr": 3e-4, "betas": (0.9, 0.95)}, "model": {"vit": {"depth": 12}}, "ckpt": None}
     assert flatten_config(cfg) == {
-        "optim.lr": "0.0003", "optim.betas": "(0.9, 0.95)", "model.vit.depth": "12", "ckpt": "None"
+        "optim.lr": "0.0003",
+        "optim.betas": "(0.9, 0.95)",
+        "model.vit.depth": "12",
+        "ckpt": "None",
     }
     local = local_tracking_uri(tmp_path)
     assert local == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -188,9 +148,7 @@ def test_params_metrics_tags_and_artifacts_reach_the_server(server: str, tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_run_and_step_axis(
-    server: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_resume_continues_the_same_run_and_step_axis(server: str, caplog: pytest.LogCaptureFixture) -> None:
     first = Tracker(server, "exp-resume", "job", flush_interval=0.2)
     first.log_params({"optim.lr": 0.1})
     for step in range(10):
@@ -232,9 +190,26 @@ def test_resuming_an_unknown_run_starts_a_new_one(server: str, caplog: pytest.Lo
     assert run.info.status == "FAILED" and run.data.metrics == {"loss": 1.0}
 
 
+def test_job_key_continues_a_run_whose_id_was_never_saved(server: str) -> None:
+    """A job that died before checkpointing its run id finds its run again by the job key."""
+    first = Tracker(server, "exp-job", "job", job_key="job-123", flush_interval=0.2)
+    first.log_metrics({"loss": 1.0}, step=1)
+    first.close(status="KILLED")
+    other = Tracker(server, "exp-job", "job", job_key="another-job", flush_interval=0.2)
+    other.log_metrics({"loss": 9.0}, step=1)
+    other.close()
+    second = Tracker(server, "exp-job", "job", job_key="job-123", flush_interval=0.2)  # no run_id
+    second.log_metrics({"loss": 0.5}, step=2)
+    second.close()
+    assert second.run_id == first.run_id != other.run_id
+    client = MlflowClient(server)
+    assert _steps(client, first.run_id, "loss") == [1, 2]
+    assert client.get_run(first.run_id).data.tags["pretrain.job_key"] == "job-123"
+
+
 def test_dead_server_never_blocks_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="pretrain.tracking")
-    tracker = Tracker(f"http://127.0.0.1:{_free_port()}", "exp", "run", flush_interval=0.05)
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "exp", "run", flush_interval=0.05)
     started = time.perf_counter()
     for step in range(200):
         tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step=step)
@@ -251,7 +226,7 @@ def test_dead_server_never_blocks_and_warns_once(caplog: pytest.LogCaptureFixtur
 
 def test_backlog_is_bounded_and_drops_are_counted(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="pretrain.tracking")
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     tracker = Tracker(dead, "exp", "run", flush_interval=0.05, max_backlog=100)
     for step in range(250):
         tracker.log_metrics({"loss": float(step)}, step=step)
@@ -262,7 +237,7 @@ def test_backlog_is_bounded_and_drops_are_counted(caplog: pytest.LogCaptureFixtu
 
 @pytest.mark.slow
 def test_backlog_is_delivered_once_the_server_comes_up(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     tracker = Tracker(f"http://127.0.0.1:{port}", "exp-late", "run", flush_interval=0.05)
     tracker.log_params({"optim.lr": 0.1})
     for step in range(1500):  # more than one log_batch call's worth

@@ -7,7 +7,13 @@ import torch
 
 from pretrain.models.pos_embed import sincos_pos_embed_2d
 from pretrain.models.transformer import set_attention_backend
-from pretrain.models.vit import VisionTransformer, build_vit, count_parameters, patchify, unpatchify
+from pretrain.models.vit import (
+    VisionTransformer,
+    build_vit,
+    count_parameters,
+    patchify,
+    unpatchify,
+)
 
 # timm, 224 px, 1000 classes, learned position embedding (which we replace by a fixed buffer).
 PUBLISHED = [
@@ -30,8 +36,10 @@ def test_parameter_count_matches_published(size: str, patch: int, published: int
         model = build_vit(size, img_size=224, patch_size=patch, num_classes=1000)
     trainable = count_parameters(model)
     pos_embed_entries = (1 + (224 // patch) ** 2) * model.embed_dim
-    print(f"ViT-{size}/{patch}: trainable {trainable:,} + learned pos-embed {pos_embed_entries:,} "
-          f"= {trainable + pos_embed_entries:,}; published {published:,}")
+    print(
+        f"ViT-{size}/{patch}: trainable {trainable:,} + learned pos-embed {pos_embed_entries:,} "
+        f"= {trainable + pos_embed_entries:,}; published {published:,}"
+    )
     assert trainable + pos_embed_entries == published
     assert count_parameters(model, trainable_only=False) == trainable
 
@@ -56,8 +64,10 @@ def test_sincos_shape_cls_row_and_known_values() -> None:
         for col in range(grid_w):
             token = patches[row * grid_w + col]  # row-major, like a conv patch embedding
             expected = (
-                [math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
-                + [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega]
+                [math.sin(col * w) for w in omega]
+                + [math.cos(col * w) for w in omega]
+                + [math.sin(row * w) for w in omega]
+                + [math.cos(row * w) for w in omega]
             )
             torch.testing.assert_close(token, torch.tensor(expected), atol=1e-6, rtol=0)
     # sin^2 + cos^2 = 1 per frequency: every position has the same norm, sqrt(dim / 2).

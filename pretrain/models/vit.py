@@ -103,8 +103,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
         self.register_buffer("pos_embed", torch.empty(1, self.num_patches, embed_dim), persistent=False)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, attn_backend=attn_backend)
-            for _ in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, attn_backend=attn_backend) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 
 from pretrain.tracking.outbox import (
-    MAX_KEY_LEN, MAX_PARAM_LEN, MAX_TAG_LEN, Outbox, Upload, is_valid_key,
+    MAX_KEY_LEN,
+    MAX_PARAM_LEN,
+    MAX_TAG_LEN,
+    Outbox,
+    Upload,
+    is_valid_key,
 )
 from pretrain.tracking.store import ui_hint
 from pretrain.tracking.worker import DeliveryWorker
@@ -68,6 +73,8 @@ class Tracker:
 
     `run_id` is known once the run exists: at once when resuming (`run_id=` given), after
     the first successful contact otherwise, and None while the server is unreachable.
+    `job_key` names the training job across restarts: without a `run_id`, the run tagged with
+    the same key (created by an earlier process that died before checkpointing the id) continues.
     `enabled=False` makes every method a no-op, for non-zero ranks.
     """
 
@@ -81,6 +88,7 @@ class Tracker:
         flush_interval: float = 5.0,
         enabled: bool = True,
         max_backlog: int = 100_000,
+        job_key: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.enabled = enabled
@@ -91,9 +99,7 @@ class Tracker:
             return
         for name, value in _MLFLOW_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
-        self._worker = DeliveryWorker(
-            self._outbox, tracking_uri, experiment, run_name, run_id, flush_interval
-        )
+        self._worker = DeliveryWorker(self._outbox, tracking_uri, experiment, run_name, run_id, flush_interval, job_key)
         if tags:
             self.set_tags(tags)
 
@@ -172,6 +178,10 @@ class Tracker:
             return True
         if key not in self._bad_keys:
             self._bad_keys.add(key)
-            logger.warning("tracking: skipping key %r: MLflow allows at most %d characters of "
-                           "letters, digits, _ - . : / and space", key, MAX_KEY_LEN)
+            logger.warning(
+                "tracking: skipping key %r: MLflow allows at most %d characters of "
+                "letters, digits, _ - . : / and space",
+                key,
+                MAX_KEY_LEN,
+            )
         return False

@@ -26,6 +26,7 @@ logger = logging.getLogger("pretrain.tracking")
 # MLflow's per-request limits. Params and tags go in separate calls: 100 params of 6000
 # characters plus 100 tags of 8000 would exceed the 1 MB request cap.
 _METRICS_PER_CALL = 1000
+JOB_KEY_TAG = "pretrain.job_key"  # identifies one training job across restarts
 _PARAMS_PER_CALL = 100
 _MAX_BACKOFF_S = 30.0
 _URGENT_RETRY_S = 1.0
@@ -56,8 +57,9 @@ class DeliveryWorker:
         run_name: str,
         resume_id: str | None,
         flush_interval: float,
+        job_key: str | None = None,
     ) -> None:
-        self.outbox, self.tracking_uri = outbox, tracking_uri
+        self.outbox, self.tracking_uri, self.job_key = outbox, tracking_uri, job_key
         self.experiment, self.run_name, self.flush_interval = experiment, run_name, flush_interval
         self.run_id = self._resume_id = resume_id
         self.experiment_id: str | None = None
@@ -125,8 +127,11 @@ class DeliveryWorker:
             except Exception as err:  # anything, so the thread outlives any outage or bug
                 self._failures += 1
                 if self._failures == 1:
-                    logger.warning("tracking: cannot reach MLflow at %s (%s); keeping data queued and "
-                                   "retrying in the background", self.tracking_uri, err)
+                    logger.warning(
+                        "tracking: cannot reach MLflow at %s (%s); keeping data queued and retrying in the background",
+                        self.tracking_uri,
+                        err,
+                    )
             else:
                 if self._failures:
                     logger.info("tracking: MLflow at %s is back; backlog delivered", self.tracking_uri)
@@ -162,8 +167,11 @@ class DeliveryWorker:
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
         run = self._resume(client) if self._resume_id else None
+        if run is None and self.job_key:
+            run = self._find_job_run(client)
         if run is None:
-            run = client.create_run(self._experiment(client), run_name=self.run_name)
+            tags = {JOB_KEY_TAG: self.job_key} if self.job_key else None
+            run = client.create_run(self._experiment(client), run_name=self.run_name, tags=tags)
         self._logged_params = dict(run.data.params)
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self._client = client
@@ -180,13 +188,22 @@ class DeliveryWorker:
                 raise
             run = None
         if run is None or run.info.lifecycle_stage == "deleted":
-            logger.warning("tracking: run %s not found at %s; starting a new run",
-                           self._resume_id, self.tracking_uri)
+            logger.warning("tracking: run %s not found at %s; starting a new run", self._resume_id, self.tracking_uri)
             self._resume_id = self.run_id = None
             return None
         if run.info.status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
         return run
+
+    def _find_job_run(self, client: Any) -> Any:
+        """The run an earlier process of this job created before any checkpoint recorded its id."""
+        runs = client.search_runs(
+            [self._experiment(client)], filter_string=f"tags.`{JOB_KEY_TAG}` = '{self.job_key}'", max_results=1
+        )
+        if not runs:
+            return None
+        self._resume_id = runs[0].info.run_id
+        return self._resume(client)
 
     def _experiment(self, client: Any) -> str:
         from mlflow.exceptions import MlflowException
@@ -238,8 +255,7 @@ class DeliveryWorker:
             if old is None:
                 new[key] = value
             elif old != value:  # MLflow forbids changing a param, e.g. on resume with an edited config
-                logger.warning("tracking: param %r is already %r in this run; not logging %r",
-                               key, old, value)
+                logger.warning("tracking: param %r is already %r in this run; not logging %r", key, old, value)
         for chunk in _chunks(list(new.items()), _PARAMS_PER_CALL):
             self._log_batch(client, requeue, params=[Param(k, v) for k, v in chunk])
             self._logged_params.update(chunk)
@@ -254,8 +270,9 @@ class DeliveryWorker:
         while remaining > 0 and (chunk := self.outbox.take_metrics(min(remaining, _METRICS_PER_CALL))):
             remaining -= len(chunk)
             # A resent point keeps its timestamp, and the server ignores exact duplicates.
-            self._log_batch(client, lambda: self.outbox.requeue_metrics(chunk),
-                            metrics=[Metric(*point) for point in chunk])
+            self._log_batch(
+                client, lambda: self.outbox.requeue_metrics(chunk), metrics=[Metric(*point) for point in chunk]
+            )
 
     def _stage_images(self) -> None:
         """Encode queued images to disk even while offline, so pixels don't pile up in RAM."""
@@ -288,12 +305,12 @@ class DeliveryWorker:
                 logger.warning("tracking: artifact %s no longer exists; skipping it", upload.local_path)
                 continue
 
-            def requeue() -> None:
+            def requeue(upload: Upload = upload) -> None:
                 with box.cond:
                     box.uploads.appendleft(upload)
 
             self._deliver(
-                lambda: client.log_artifact(self.run_id, upload.local_path, upload.artifact_dir),
+                lambda upload=upload: client.log_artifact(self.run_id, upload.local_path, upload.artifact_dir),
                 requeue,
                 f"artifact {upload.local_path}",
             )
