@@ -1,0 +1,193 @@
+"""Sharded checkpoints in the torch.distributed.checkpoint (DCP) format, written atomically.
+
+Layout of a run's checkpoint directory:
+
+    checkpoints/
+      step_00001000/          one complete checkpoint
+        .metadata, *.distcp   DCP shards: model and optimizer tensors (any world size can load them)
+        rank_00000.pt         per-rank state: RNG, data-stream position, scheduler
+        meta.json             step, config, engine, world size, MLflow run id; written last
+      latest                  name of the newest complete checkpoint
+
+A checkpoint is written into `.tmp-step_XXXXXXXX` and renamed into place only when every file
+is on disk, so a process killed mid-write leaves the previous checkpoint untouched and loadable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+log = logging.getLogger("pretrain.checkpoint")
+
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    # Single-process DCP warns on every call that no process group exists; that is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint counts only if DCP's metadata and our meta.json (written last) are both there."""
+    if not (path / ".metadata").is_file() or not (path / META_FILE).is_file():
+        return False
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all((path / _rank_file(r)).is_file() for r in range(meta.get("world_size", 1)))
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
+class CheckpointManager:
+    """Saves, finds and prunes the checkpoints of one run."""
+
+    def __init__(self, root: str | Path, keep_last: int = 3, rank: int = 0, world_size: int = 1):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, tensors: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write a complete checkpoint for `step` and make it the latest. Returns its directory."""
+        start = time.perf_counter()
+        final, tmp = self.step_dir(step), self.root / f".tmp-step_{step:08d}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for leftover in self.root.glob(".tmp-step_*"):  # from a process killed mid-write
+                shutil.rmtree(leftover)
+        self._barrier()
+        with _quiet_dcp():
+            dcp.save(tensors, checkpoint_id=str(tmp))
+        with open(tmp / _rank_file(self.rank), "wb") as f:
+            torch.save(rank_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        self._barrier()
+        if self.rank == 0:
+            full_meta = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "world_size": self.world_size,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **meta,
+            }
+            _write_atomic(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True))
+            if final.exists():  # re-saving a step after a resume: the new one replaces it
+                stale = self.root / f".stale-{final.name}"
+                os.replace(final, stale)
+                shutil.rmtree(stale)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(self.root / LATEST_FILE, final.name + "\n")
+            self._prune()
+            log.info("checkpoint step %d written to %s in %.2fs", step, final, time.perf_counter() - start)
+        self._barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.list()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ find
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step_*") if p.is_dir() and is_complete(p)]
+        return sorted(found, key=lambda p: read_meta(p)["step"])
+
+    def latest(self) -> Path | None:
+        """The checkpoint named by `latest` if it is complete, else the newest complete one."""
+        marker = self.root / LATEST_FILE
+        if marker.is_file():
+            named = self.root / marker.read_text().strip()
+            if is_complete(named):
+                return named
+            log.warning("'latest' names %s, which is incomplete; falling back to the newest complete checkpoint", named)
+        complete = self.list()
+        return complete[-1] if complete else None
+
+
+def resolve_resume(spec: str, manager: CheckpointManager) -> Path | None:
+    """`auto`: the latest good checkpoint of this run if any; `none`: start fresh; else a path."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return manager.latest()
+    path = Path(spec)
+    if (path / LATEST_FILE).is_file() or (path / "checkpoints").is_dir():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = CheckpointManager(root).latest()
+        if found is None:
+            raise FileNotFoundError(f"train.resume: no complete checkpoint under {path}")
+        return found
+    if not is_complete(path):
+        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (missing .metadata or {META_FILE})")
+    return path
+
+
+def load_tensors(path: Path, tensors: dict[str, Any]) -> None:
+    """Fill `tensors` (a state dict of the current, possibly sharded, model) in place from `path`."""
+    with _quiet_dcp():
+        dcp.load(tensors, checkpoint_id=str(path))
+
+
+def load_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
+    """This rank's RNG/data state, or None when the checkpoint was written by fewer ranks."""
+    file = Path(path) / _rank_file(rank)
+    if not file.is_file():
+        return None
+    return torch.load(file, map_location="cpu", weights_only=False)

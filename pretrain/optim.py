@@ -1,0 +1,61 @@
+"""AdamW with the usual ViT parameter groups, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pretrain.config import OptimConfig
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """Peak learning rate: MAE/MoCo/DINO scale a base rate linearly with the batch (reference 256)."""
+    return cfg.base_lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.base_lr
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: set[str]) -> list[dict]:
+    """Biases, norm weights and the names in `skip` (tokens, embeddings) get no weight decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, skip: set[str]) -> torch.optim.Optimizer:
+    # The fused kernel only exists for accelerator tensors; foreach is the fast path on CPU.
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, skip),
+        lr=lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        fused=True if on_cuda else None,
+    )
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warmup to `peak`, then half a cosine down to `floor` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, peak_lr: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR so the schedule's position travels in checkpoints like any other torch state."""
+    floor = cfg.min_lr * peak_lr / cfg.base_lr if cfg.lr_scaling == "linear" else cfg.min_lr
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, total_steps, cfg.warmup_steps, peak_lr, floor) / peak_lr,
+    )

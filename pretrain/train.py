@@ -1,0 +1,263 @@
+"""The one train loop for every method and engine.
+
+Per step: `accum_steps` micro-batches forward/backward, gradient norm (and clipping), one
+finiteness check, optimizer and schedule step, then the method's own hook (EMA, centers, ...).
+Everything a step depends on -- weights, optimizer, schedule, RNG, data position -- is in the
+checkpoint, so an interrupted run resumed from step N repeats exactly what it would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launch.env import host_tags, world_from_env
+from pretrain.checkpoint import CheckpointManager, load_rank_state, load_tensors, read_meta, resolve_resume
+from pretrain.config import Config
+from pretrain.data import build_train_loader
+from pretrain.engines import build_engine
+from pretrain.logs import setup_logging
+from pretrain.methods.registry import build_method
+from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.progress import Progress
+from pretrain.rng import rng_state, seed_everything, set_rng_state
+from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
+
+log = logging.getLogger("pretrain.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss or gradient; the last good state was checkpointed."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step run by this process
+    checkpoint: Path | None = None
+    mlflow_run_id: str | None = None
+    skipped_steps: int = 0
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Holds the pieces of a run; `fit()` is the loop."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.world = world_from_env()
+        self.run_dir = cfg.run_dir
+        self.engine = build_engine(cfg, self.world)
+        # Data first: a missing or empty shard spec fails before a model or run directory exists.
+        self.loader = build_train_loader(cfg, self.world)
+        setup_logging(self.run_dir, self.world.rank)
+
+        seed_everything(cfg.run.seed)
+        self.model = self.engine.prepare(build_method(cfg))
+        self.samples_per_step = cfg.data.batch_size * cfg.optim.accum_steps * self.world.world_size
+        self.peak_lr = scaled_lr(cfg.optim, self.samples_per_step)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.model.no_weight_decay())
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, self.peak_lr)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", cfg.train.keep_last, self.world.rank, self.world.world_size
+        )
+        self.step = 0
+        self.mlflow_run_id: str | None = None
+        self.job_key = uuid.uuid4().hex  # replaced by the checkpoint's on resume
+        self.resumed_from = resolve_resume(cfg.train.resume, self.checkpoints)
+        if self.resumed_from is not None:
+            self._restore(self.resumed_from)
+
+        self.tracker = Tracker(
+            resolve_tracking_uri(cfg.tracking.uri, self.run_dir),
+            experiment=cfg.tracking.experiment,
+            run_name=cfg.run.name,
+            run_id=self.mlflow_run_id,
+            tags={**host_tags(self.world), **({"git_commit": c} if (c := _git_commit()) else {})},
+            flush_interval=cfg.tracking.flush_interval,
+            enabled=cfg.tracking.enabled and self.world.is_main,
+            job_key=self.job_key,
+        )
+        if self.world.is_main:
+            config_file = self.run_dir / "config.json"
+            config_file.write_text(json.dumps(cfg.to_dict(), indent=2))
+            if self.resumed_from is None:
+                self.tracker.log_params(flatten_config(cfg.to_dict()))
+                self.tracker.log_artifact_file(str(config_file))
+            log.info("tracking: %s", self.tracker.ui_hint())
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def _rank_state(self, rng: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "rng": rng if rng is not None else rng_state(),
+            "data": data if data is not None else self.loader.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def save_checkpoint(self, rank_state: dict[str, Any] | None = None) -> Path:
+        meta = {
+            "engine": self.engine.name,
+            "config": self.cfg.to_dict(),
+            "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
+            "job_key": self.job_key,
+            "samples_seen": self.step * self.samples_per_step,
+        }
+        tensors = self.engine.tensor_state(self.model, self.optimizer)
+        return self.checkpoints.save(self.step, tensors, rank_state or self._rank_state(), meta)
+
+    def _restore(self, path: Path) -> None:
+        meta = read_meta(path)
+        tensors = self.engine.tensor_state(self.model, self.optimizer)
+        load_tensors(path, tensors)
+        self.engine.load_tensor_state(self.model, self.optimizer, tensors)
+        rank_state = load_rank_state(path, self.world.rank)
+        if rank_state is None:
+            raise RuntimeError(
+                f"{path} has no state for rank {self.world.rank} (written at world size {meta['world_size']})"
+            )
+        self.scheduler.load_state_dict(rank_state["scheduler"])
+        self.loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        self.step = meta["step"]
+        self.mlflow_run_id = meta.get("mlflow_run_id")
+        self.job_key = meta.get("job_key", self.job_key)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train to `train.steps`, or stop early after step `until` (the schedule still spans
+        train.steps), e.g. for jobs that get a fixed slice of a cluster's time."""
+        cfg, engine = self.cfg, self.engine
+        total = cfg.train.steps
+        stop = total if until is None else min(until, total)
+        result = TrainResult(step=self.step, mlflow_run_id=self.mlflow_run_id)
+        progress = Progress(total, self.step, self.samples_per_step)
+        window: dict[str, list[float]] = {}
+        consecutive_skips = 0
+        batches = iter(self.loader)
+        last_saved = self.step if self.resumed_from is not None else -1
+        status = "FAILED"
+        try:
+            while self.step < stop:
+                before = (rng_state(), self.loader.state_dict()) if cfg.train.on_nonfinite == "stop" else None
+                self.model.train()
+                loss_sum = torch.zeros((), device=engine.device)
+                extras: dict[str, torch.Tensor] = {}
+                for _ in range(cfg.optim.accum_steps):
+                    batch = _to_device(next(batches), engine.device)
+                    with engine.autocast():
+                        out = self.model(batch)
+                    engine.backward(out["loss"] / cfg.optim.accum_steps)
+                    loss_sum += out["loss"].detach().float()
+                    for name, value in out.items():
+                        if name != "loss":
+                            extras[name] = extras.get(name, 0) + value.detach().float()
+                grad_norm = engine.clip_grad_norm(self.model, cfg.optim.grad_clip)
+                loss_value, grad_value = torch.stack([loss_sum / cfg.optim.accum_steps, grad_norm.float()]).tolist()
+
+                if not (torch.isfinite(torch.tensor([loss_value, grad_value])).all()):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    consecutive_skips += 1
+                    result.skipped_steps += 1
+                    if cfg.train.on_nonfinite == "stop" or consecutive_skips > cfg.train.max_nonfinite_skips:
+                        self._stop_nonfinite(loss_value, grad_value, before, result)
+                    log.warning(
+                        "step %d: non-finite loss %s / grad norm %s, step skipped",
+                        self.step + 1,
+                        loss_value,
+                        grad_value,
+                    )
+                    continue
+                consecutive_skips = 0
+                engine.optimizer_step(self.optimizer)
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                self.step += 1
+                self.model.on_step_end(self.step, total)
+                result.losses.append(loss_value)
+
+                window.setdefault("loss", []).append(loss_value)
+                window.setdefault("grad_norm", []).append(grad_value)
+                for name, value in extras.items():
+                    window.setdefault(name, []).append(float(value) / cfg.optim.accum_steps)
+                if self.step % cfg.train.log_every == 0 or self.step == total:
+                    self._report(progress, window, lr)
+                    window = {}
+                if cfg.train.vis_every and self.step % cfg.train.vis_every == 0:
+                    self._log_visuals(batch)
+                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                    result.checkpoint = self.save_checkpoint()
+                    last_saved = self.step
+            if last_saved != self.step:
+                result.checkpoint = self.save_checkpoint()
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.tracker.close(timeout=cfg.tracking.close_timeout, status=status)
+        result.step = self.step
+        result.mlflow_run_id = self.tracker.run_id
+        return result
+
+    def _report(self, progress: Progress, window: dict[str, list[float]], lr: float) -> None:
+        rates = progress.report(self.step)
+        means = {name: sum(values) / len(values) for name, values in window.items()}
+        metrics = {
+            **means,
+            "lr": lr,
+            "samples_per_sec": rates["samples_per_sec"],
+            "step_time": rates["step_time"],
+            "data_skipped": float(self.loader.skipped_total),
+        }
+        if self.engine.device.type == "cuda":
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.world.is_main:
+            log.info(progress.line(self.step, means["loss"], lr, rates))
+
+    def _log_visuals(self, batch: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
+        self.model.eval()
+        with torch.no_grad(), self.engine.autocast():
+            pictures = self.model.visuals(batch)
+        for name, image in pictures.items():
+            self.tracker.log_image(image, name, self.step)
+
+    def _stop_nonfinite(self, loss: float, grad: float, before: tuple | None, result: TrainResult) -> None:
+        """Checkpoint the state before the offending step (weights were not updated) and stop."""
+        rank_state = self._rank_state(*before) if before is not None else None
+        result.checkpoint = self.save_checkpoint(rank_state)
+        raise NonFiniteLossError(
+            f"non-finite training signal at step {self.step + 1} (loss={loss}, grad_norm={grad}); "
+            f"the last good state is checkpointed at {result.checkpoint}. "
+            "Lower optim.base_lr, raise optim.warmup_steps or enable optim.grad_clip, then resume; "
+            "or set train.on_nonfinite=skip to drop such steps."
+        )
+
+
+def train(cfg: Config) -> TrainResult:
+    return Trainer(cfg).fit()

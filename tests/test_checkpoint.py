@@ -1,0 +1,120 @@
+"""Atomic checkpoints: a kill mid-write never damages the last good one; pruning and discovery."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import (
+    CheckpointManager,
+    is_complete,
+    load_rank_state,
+    load_tensors,
+    read_meta,
+    resolve_resume,
+)
+
+
+def _tensors(step: int, numel: int = 1000) -> dict:
+    return {"model": {"w": torch.full((numel,), float(step)), "b": torch.arange(5) + step}}
+
+
+def test_save_load_round_trip(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    path = mgr.save(3, _tensors(3), {"rng": [1, 2]}, {"engine": "single", "mlflow_run_id": "abc"})
+    assert is_complete(path) and mgr.latest() == path
+    meta = read_meta(path)
+    assert meta["step"] == 3 and meta["engine"] == "single" and meta["mlflow_run_id"] == "abc"
+    target = _tensors(0)
+    load_tensors(path, target)
+    assert torch.equal(target["model"]["w"], _tensors(3)["model"]["w"])
+    assert torch.equal(target["model"]["b"], _tensors(3)["model"]["b"])
+    assert load_rank_state(path, 0) == {"rng": [1, 2]}
+    assert load_rank_state(path, 1) is None
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        mgr.save(step, _tensors(step), {}, {})
+    assert [read_meta(p)["step"] for p in mgr.list()] == [3, 4]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000004"
+
+
+def test_latest_falls_back_when_marker_points_to_damaged(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    mgr.save(1, _tensors(1), {}, {})
+    second = mgr.save(2, _tensors(2), {}, {})
+    (second / "meta.json").unlink()  # damaged by hand
+    assert mgr.latest() == mgr.step_dir(1)
+    assert resolve_resume("auto", mgr) == mgr.step_dir(1)
+    assert resolve_resume("none", mgr) is None
+    assert resolve_resume(str(tmp_path), mgr) == mgr.step_dir(1)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(second), mgr)
+
+
+def test_resave_same_step_replaces(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    mgr.save(5, _tensors(5), {}, {"tag": "first"})
+    mgr.save(5, _tensors(5), {}, {"tag": "second"})
+    assert read_meta(mgr.step_dir(5))["tag"] == "second"
+    assert len(mgr.list()) == 1
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from pretrain.checkpoint import CheckpointManager
+    mgr = CheckpointManager(sys.argv[1], keep_last=2)
+    step = 0
+    while True:
+        step += 1
+        # ~64 MB per checkpoint so that a write takes long enough to be interrupted
+        mgr.save(step, {"model": {"w": torch.full((16_000_000,), float(step))}}, {"step": step}, {})
+        print(step, flush=True)
+    """
+)
+
+
+def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
+    """SIGKILL a process while it writes a checkpoint; the previous one must still load exactly."""
+    root = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, env=env, text=True)
+        try:
+            assert proc.stdout.readline().strip().isdigit()  # this process finished one save
+            deadline = time.time() + 60
+            while time.time() < deadline and not any(root.glob(".tmp-step_*/*.distcp")):
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if any(root.glob(".tmp-step_*")):
+            break  # the kill landed inside a write, which is the case under test
+    else:
+        pytest.fail("never managed to kill the writer during a checkpoint write")
+
+    mgr = CheckpointManager(root, keep_last=2)
+    latest = mgr.latest()
+    assert latest is not None and is_complete(latest)
+    step = read_meta(latest)["step"]
+    target = {"model": {"w": torch.zeros(16_000_000)}}
+    load_tensors(latest, target)
+    assert torch.equal(target["model"]["w"], torch.full((16_000_000,), float(step)))
+    assert load_rank_state(latest, 0) == {"step": step}
+    # The interrupted write is not mistaken for a checkpoint, and the next save clears it.
+    assert all(p.name.startswith("step_") for p in mgr.list())
+    nxt = mgr.save(step + 1, {"model": {"w": torch.full((16_000_000,), float(step + 1))}}, {}, {})
+    assert mgr.latest() == nxt and json.loads((nxt / "meta.json").read_text())["step"] == step + 1
+    assert not any(root.glob(".tmp-step_*"))

@@ -1,0 +1,82 @@
+"""Config loading: every shipped config is valid, and bad input fails naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import Config, ConfigError, load_config, parse_override
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"mae_vit_tiny_digits.toml", "mae_vit_b16.toml"} <= names
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, ["optim.base_lr=3e-4", "data.batch_size=32", "run.name=abc", "data.crop_scale=[0.3, 1.0]"])
+    assert cfg.optim.base_lr == 3e-4
+    assert cfg.data.batch_size == 32
+    assert cfg.run.name == "abc"
+    assert cfg.data.crop_scale == (0.3, 1.0)
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["optim.base_lr=1"]).optim.base_lr == 1.0
+
+
+def test_parse_override_bare_word_is_string():
+    assert parse_override("train.resume=auto") == (["train", "resume"], "auto")
+    assert parse_override("train.resume=/a/b c") == (["train", "resume"], "/a/b c")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1e-3", "unknown key 'optim.lrr'"),
+        ("optimizer.lr=1e-3", "unknown key 'optimizer'"),
+        ("data.batch_size=abc", "data.batch_size: expected int, got str"),
+        ("data.batch_size=1.5", "data.batch_size: expected int"),
+        ("train.vis_every=true", "train.vis_every: expected int, got bool"),
+        ("data.crop_scale=[0.2]", "data.crop_scale: expected a list of 2 values"),
+        ("data.image_size=30", "data.image_size: 30 is not a multiple of model.patch_size 16"),
+        ("method.mae.mask_ratio=1.0", "method.mae.mask_ratio"),
+        ("method.name=simclr", "method.name: 'simclr' is not one of"),
+        ("model.size=gigantic", "model.size: 'gigantic' is not one of"),
+        ("model.attn_backend=flash9", "model.attn_backend"),
+        ("engine.kind=mpi", "engine.kind"),
+        ("data.batch_size=0", "data.batch_size: must be > 0"),
+        ("optim.warmup_steps=5000", "optim.warmup_steps: 5000 exceeds train.steps 1000"),
+        ("method.mae.decoder_dim=100", "method.mae.decoder_dim: 100 is not divisible"),
+        ("data=3", "data: expected a section"),
+        ("lr", "not of the form key=value"),
+    ],
+)
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_unknown_key_suggests_close_match():
+    with pytest.raises(ConfigError, match="did you mean 'optim.base_lr'"):
+        load_config(None, ["optim.base_lrr=1e-3"])
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[train]\nstep = 10\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.step'"):
+        load_config(typo)

@@ -1,0 +1,180 @@
+"""End to end on CPU: train from digit shards, resume bit-identically, survive bad data and NaNs,
+and keep tracking in one MLflow run across a resume."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_pipeline.shard_writer import write_shards
+from data_pipeline.sources import DIGITS_CLASSES, digits_samples
+from pretrain.checkpoint import load_tensors, read_meta
+from pretrain.config import ConfigError, load_config
+from pretrain.methods.mae import MaskedAutoencoder
+from pretrain.train import NonFiniteLossError, Trainer
+
+from mlflow_server import free_port
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    write_shards(digits_samples(16), out, shard_size=64, classes=DIGITS_CLASSES, image_size=16)
+    return out
+
+
+def tiny_config(tmp_path: Path, shards: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f'run.output_dir="{tmp_path}"',
+            "run.name=tiny",
+            f'data.shards="{shards}"',
+            "data.image_size=16",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "data.shuffle_buffer=50",
+            "data.pin_memory=false",
+            "model.size=tiny",
+            "model.patch_size=4",
+            "method.mae.decoder_dim=32",
+            "method.mae.decoder_depth=1",
+            "method.mae.decoder_heads=2",
+            "optim.base_lr=1e-3",
+            "optim.warmup_steps=2",
+            "optim.grad_clip=1.0",
+            "train.steps=6",
+            "train.log_every=1",
+            "train.ckpt_every=0",
+            "tracking.flush_interval=0.2",
+            *overrides,
+        ],
+    )
+
+
+def checkpoint_tensors(path: Path, like: Trainer) -> dict:
+    state = like.engine.tensor_state(like.model, like.optimizer)
+    load_tensors(path, state)
+    return state
+
+
+def assert_states_equal(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"tensor differs at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ at {where}"
+        for key in a:
+            assert_states_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"value differs at {where}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, digit_shards, server, workers):
+    """6 steps straight == 3 steps, a fresh process state resumed from the checkpoint, 3 more steps."""
+    straight_cfg = tiny_config(
+        tmp_path / "straight", digit_shards, f"data.num_workers={workers}", "tracking.enabled=false"
+    )
+    straight = Trainer(straight_cfg)
+    full = straight.fit()
+
+    cfg = tiny_config(tmp_path / "split", digit_shards, f"data.num_workers={workers}", f'tracking.uri="{server}"')
+    first = Trainer(cfg).fit(until=3)
+    assert first.step == 3 and read_meta(first.checkpoint)["step"] == 3
+    resumed_trainer = Trainer(cfg)  # train.resume=auto finds step 3
+    assert resumed_trainer.step == 3
+    second = resumed_trainer.fit()
+
+    assert first.losses + second.losses == full.losses  # exact float equality, step by step
+    assert_states_equal(
+        checkpoint_tensors(second.checkpoint, straight), checkpoint_tensors(full.checkpoint, straight), "state"
+    )
+
+    # One MLflow run across the interruption, its step axis continuing.
+    assert first.mlflow_run_id and second.mlflow_run_id == first.mlflow_run_id
+    client = MlflowClient(server)
+    history = client.get_metric_history(first.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(full.losses)
+    assert client.get_run(first.mlflow_run_id).data.params["model.size"] == "tiny"
+
+
+def _nan_on_call(monkeypatch, bad_call: int) -> None:
+    original = MaskedAutoencoder.forward
+    calls = {"n": 0}
+
+    def forward(self, batch):
+        calls["n"] += 1
+        out = original(self, batch)
+        if calls["n"] == bad_call:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward", forward)
+
+
+def test_nonfinite_loss_stops_with_checkpoint_of_last_good_state(tmp_path, digit_shards, monkeypatch):
+    clean = Trainer(tiny_config(tmp_path / "clean", digit_shards, "tracking.enabled=false")).fit(until=2)
+    _nan_on_call(monkeypatch, bad_call=3)
+    trainer = Trainer(tiny_config(tmp_path / "nan", digit_shards, "tracking.enabled=false"))
+    with pytest.raises(NonFiniteLossError, match="non-finite training signal at step 3.*checkpointed"):
+        trainer.fit()
+    saved = trainer.checkpoints.latest()
+    assert read_meta(saved)["step"] == 2
+    # The checkpoint holds exactly the state after the two good steps (no update from the bad one).
+    assert_states_equal(checkpoint_tensors(saved, trainer), checkpoint_tensors(clean.checkpoint, trainer))
+
+
+def test_nonfinite_loss_skip_policy_drops_the_step(tmp_path, digit_shards, monkeypatch):
+    _nan_on_call(monkeypatch, bad_call=3)
+    cfg = tiny_config(tmp_path, digit_shards, "tracking.enabled=false", "train.on_nonfinite=skip")
+    result = Trainer(cfg).fit()
+    assert result.step == 6 and result.skipped_steps == 1 and len(result.losses) == 6
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_corrupt_shard_is_skipped_and_counted(tmp_path, digit_shards):
+    shards = tmp_path / "shards"
+    shutil.copytree(digit_shards, shards)
+    victim = sorted(shards.glob("train-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated mid-member
+    # 23 shards of 64 digits: 190 batches of 8 cover more than one epoch, so the victim is read.
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        "tracking.enabled=false",
+        "train.steps=190",
+        "train.log_every=50",
+        "data.batch_size=8",
+        "data.shuffle_buffer=0",
+        "method.mae.mask_ratio=0.9",
+    )
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert result.step == 190
+    assert trainer.loader.skipped_total == 1
+
+
+def test_unreachable_tracking_server_does_not_stop_training(tmp_path, digit_shards, caplog):
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = tiny_config(tmp_path, digit_shards, f'tracking.uri="{dead}"', "tracking.close_timeout=1.0")
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        result = Trainer(cfg).fit()
+    assert result.step == 6 and result.checkpoint is not None
+    assert any("cannot reach MLflow" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_data_spec_fails_before_any_work(tmp_path):
+    cfg = load_config(None, [f'run.output_dir="{tmp_path}"', f'data.shards="{tmp_path / "nope"}"'])
+    with pytest.raises(ConfigError, match="data.shards"):
+        Trainer(cfg)
+    assert not any(tmp_path.iterdir())  # no run directory, no logs, no checkpoint
