@@ -20,7 +20,7 @@ import torch
 
 from launch.env import host_tags, world_from_env
 from pretrain.checkpoint import CheckpointManager, load_rank_state, load_tensors, read_meta, resolve_resume
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader
 from pretrain.engines import build_engine
 from pretrain.logs import setup_logging
@@ -126,8 +126,23 @@ class Trainer:
         tensors = self.engine.tensor_state(self.model, self.optimizer)
         return self.checkpoints.save(self.step, tensors, rank_state or self._rank_state(), meta)
 
+    def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
+        """Architecture changes cannot resume; other changed settings are allowed but reported."""
+        before, now = flatten_config(saved), flatten_config(self.cfg.to_dict())
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        fatal = [k for k in changed if k.split(".")[0] in ("model", "method")]
+        if fatal:
+            details = ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in fatal)
+            raise ConfigError(f"cannot resume from {path}: the network changed ({details}); use train.resume=none")
+        if changed := [k for k in changed if k.split(".")[0] not in ("run", "tracking", "train")]:
+            log.warning(
+                "resuming with changed settings: %s",
+                ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed),
+            )
+
     def _restore(self, path: Path) -> None:
         meta = read_meta(path)
+        self._check_resumable(meta["config"], path)
         tensors = self.engine.tensor_state(self.model, self.optimizer)
         load_tensors(path, tensors)
         self.engine.load_tensor_state(self.model, self.optimizer, tensors)

@@ -178,3 +178,10 @@ def test_bad_data_spec_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="data.shards"):
         Trainer(cfg)
     assert not any(tmp_path.iterdir())  # no run directory, no logs, no checkpoint
+
+
+def test_resume_refuses_a_changed_network(tmp_path, digit_shards):
+    Trainer(tiny_config(tmp_path, digit_shards, "tracking.enabled=false")).fit(until=1)
+    changed = tiny_config(tmp_path, digit_shards, "tracking.enabled=false", "method.mae.decoder_depth=2")
+    with pytest.raises(ConfigError, match=r"network changed \(method.mae.decoder_depth: 1 -> 2\)"):
+        Trainer(changed)
