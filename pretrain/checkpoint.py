@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,13 @@ def _quiet_dcp():
 
 
 def is_complete(path: Path) -> bool:
-    """A checkpoint counts only if DCP's metadata and our meta.json (written last) are both there."""
-    if not (path / ".metadata").is_file() or not (path / META_FILE).is_file():
-        return False
+    """A checkpoint counts only if meta.json (written last), every rank's file and, for the DCP
+    format, DCP's metadata are there."""
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, json.JSONDecodeError):
+        return False
+    if meta.get("format", "dcp") == "dcp" and not (path / ".metadata").is_file():
         return False
     return all((path / _rank_file(r)).is_file() for r in range(meta.get("world_size", 1)))
 
@@ -94,8 +96,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, tensors: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Write a complete checkpoint for `step` and make it the latest. Returns its directory."""
+    def save(
+        self,
+        step: int,
+        write_tensors: Callable[[Path], None],
+        rank_state: dict[str, Any],
+        meta: dict[str, Any],
+        checkpoint_format: str = "dcp",
+    ) -> Path:
+        """Write a complete checkpoint for `step` and make it the latest. Returns its directory.
+
+        `write_tensors(directory)` writes the model/optimizer state (every rank calls it)."""
         start = time.perf_counter()
         final, tmp = self.step_dir(step), self.root / f".tmp-step_{step:08d}"
         if self.rank == 0:
@@ -103,8 +114,10 @@ class CheckpointManager:
             for leftover in self.root.glob(".tmp-step_*"):  # from a process killed mid-write
                 shutil.rmtree(leftover)
         self._barrier()
-        with _quiet_dcp():
-            dcp.save(tensors, checkpoint_id=str(tmp))
+        if self.rank == 0:
+            tmp.mkdir()
+        self._barrier()
+        write_tensors(tmp)
         with open(tmp / _rank_file(self.rank), "wb") as f:
             torch.save(rank_state, f)
             f.flush()
@@ -115,6 +128,7 @@ class CheckpointManager:
                 "format_version": FORMAT_VERSION,
                 "step": step,
                 "world_size": self.world_size,
+                "format": checkpoint_format,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **meta,
             }
@@ -179,7 +193,12 @@ def resolve_resume(spec: str, manager: CheckpointManager) -> Path | None:
     return path
 
 
-def load_tensors(path: Path, tensors: dict[str, Any]) -> None:
+def dcp_save(tensors: dict[str, Any], path: Path) -> None:
+    with _quiet_dcp():
+        dcp.save(tensors, checkpoint_id=str(path))
+
+
+def dcp_load(tensors: dict[str, Any], path: Path) -> None:
     """Fill `tensors` (a state dict of the current, possibly sharded, model) in place from `path`."""
     with _quiet_dcp():
         dcp.load(tensors, checkpoint_id=str(path))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from launch.env import host_tags, world_from_env
-from pretrain.checkpoint import CheckpointManager, load_rank_state, load_tensors, read_meta, resolve_resume
+from pretrain.checkpoint import CheckpointManager, load_rank_state, read_meta, resolve_resume
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader
 from pretrain.engines import build_engine
@@ -73,10 +73,13 @@ class Trainer:
         setup_logging(self.run_dir, self.world.rank)
 
         seed_everything(cfg.run.seed)
-        self.model = self.engine.prepare(build_method(cfg))
         self.samples_per_step = cfg.data.batch_size * cfg.optim.accum_steps * self.world.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.samples_per_step)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.model.no_weight_decay())
+        self.method = build_method(cfg)  # hooks and pictures; `model` is what the engine wrapped for training
+        no_decay = self.method.no_weight_decay()
+        self.model, self.optimizer = self.engine.setup(
+            self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay)
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, self.peak_lr)
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", cfg.train.keep_last, self.world.rank, self.world.world_size
@@ -123,8 +126,13 @@ class Trainer:
             "job_key": self.job_key,
             "samples_seen": self.step * self.samples_per_step,
         }
-        tensors = self.engine.tensor_state(self.model, self.optimizer)
-        return self.checkpoints.save(self.step, tensors, rank_state or self._rank_state(), meta)
+        return self.checkpoints.save(
+            self.step,
+            lambda directory: self.engine.save_tensors(self.model, self.optimizer, directory),
+            rank_state or self._rank_state(),
+            meta,
+            self.engine.checkpoint_format,
+        )
 
     def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
         """Architecture changes cannot resume; other changed settings are allowed but reported."""
@@ -143,9 +151,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         meta = read_meta(path)
         self._check_resumable(meta["config"], path)
-        tensors = self.engine.tensor_state(self.model, self.optimizer)
-        load_tensors(path, tensors)
-        self.engine.load_tensor_state(self.model, self.optimizer, tensors)
+        self.engine.load_tensors(self.model, self.optimizer, path)
         rank_state = load_rank_state(path, self.world.rank)
         if rank_state is None:
             raise RuntimeError(
@@ -193,7 +199,7 @@ class Trainer:
                 loss_value, grad_value = torch.stack([loss_sum / cfg.optim.accum_steps, grad_norm.float()]).tolist()
 
                 if not (torch.isfinite(torch.tensor([loss_value, grad_value])).all()):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    engine.zero_grad(self.optimizer)
                     consecutive_skips += 1
                     result.skipped_steps += 1
                     if cfg.train.on_nonfinite == "stop" or consecutive_skips > cfg.train.max_nonfinite_skips:
@@ -210,7 +216,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 self.step += 1
-                self.model.on_step_end(self.step, total)
+                self.method.on_step_end(self.step, total)
                 result.losses.append(loss_value)
 
                 window.setdefault("loss", []).append(loss_value)
@@ -254,11 +260,10 @@ class Trainer:
             log.info(progress.line(self.step, means["loss"], lr, rates))
 
     def _log_visuals(self, batch: dict[str, Any]) -> None:
-        if not self.world.is_main:
-            return
-        self.model.eval()
+        # Every rank runs the forward (a sharded model needs all of them); the tracker is rank 0's.
+        self.method.eval()
         with torch.no_grad(), self.engine.autocast():
-            pictures = self.model.visuals(batch)
+            pictures = self.method.visuals(batch)
         for name, image in pictures.items():
             self.tracker.log_image(image, name, self.step)
 

@@ -14,9 +14,10 @@ import torch
 
 from pretrain.checkpoint import (
     CheckpointManager,
+    dcp_load,
+    dcp_save,
     is_complete,
     load_rank_state,
-    load_tensors,
     read_meta,
     resolve_resume,
 )
@@ -26,14 +27,18 @@ def _tensors(step: int, numel: int = 1000) -> dict:
     return {"model": {"w": torch.full((numel,), float(step)), "b": torch.arange(5) + step}}
 
 
+def _writer(step: int):
+    return lambda directory: dcp_save(_tensors(step), directory)
+
+
 def test_save_load_round_trip(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=2)
-    path = mgr.save(3, _tensors(3), {"rng": [1, 2]}, {"engine": "single", "mlflow_run_id": "abc"})
+    path = mgr.save(3, _writer(3), {"rng": [1, 2]}, {"engine": "single", "mlflow_run_id": "abc"})
     assert is_complete(path) and mgr.latest() == path
     meta = read_meta(path)
     assert meta["step"] == 3 and meta["engine"] == "single" and meta["mlflow_run_id"] == "abc"
     target = _tensors(0)
-    load_tensors(path, target)
+    dcp_load(target, path)
     assert torch.equal(target["model"]["w"], _tensors(3)["model"]["w"])
     assert torch.equal(target["model"]["b"], _tensors(3)["model"]["b"])
     assert load_rank_state(path, 0) == {"rng": [1, 2]}
@@ -43,15 +48,15 @@ def test_save_load_round_trip(tmp_path):
 def test_keep_last_prunes_oldest(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=2)
     for step in (1, 2, 3, 4):
-        mgr.save(step, _tensors(step), {}, {})
+        mgr.save(step, _writer(step), {}, {})
     assert [read_meta(p)["step"] for p in mgr.list()] == [3, 4]
     assert (tmp_path / "latest").read_text().strip() == "step_00000004"
 
 
 def test_latest_falls_back_when_marker_points_to_damaged(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=3)
-    mgr.save(1, _tensors(1), {}, {})
-    second = mgr.save(2, _tensors(2), {}, {})
+    mgr.save(1, _writer(1), {}, {})
+    second = mgr.save(2, _writer(2), {}, {})
     (second / "meta.json").unlink()  # damaged by hand
     assert mgr.latest() == mgr.step_dir(1)
     assert resolve_resume("auto", mgr) == mgr.step_dir(1)
@@ -63,8 +68,8 @@ def test_latest_falls_back_when_marker_points_to_damaged(tmp_path):
 
 def test_resave_same_step_replaces(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=3)
-    mgr.save(5, _tensors(5), {}, {"tag": "first"})
-    mgr.save(5, _tensors(5), {}, {"tag": "second"})
+    mgr.save(5, _writer(5), {}, {"tag": "first"})
+    mgr.save(5, _writer(5), {}, {"tag": "second"})
     assert read_meta(mgr.step_dir(5))["tag"] == "second"
     assert len(mgr.list()) == 1
 
@@ -72,13 +77,13 @@ def test_resave_same_step_replaces(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from pretrain.checkpoint import CheckpointManager
+    from pretrain.checkpoint import CheckpointManager, dcp_save
     mgr = CheckpointManager(sys.argv[1], keep_last=2)
     step = 0
     while True:
         step += 1
         # ~64 MB per checkpoint so that a write takes long enough to be interrupted
-        mgr.save(step, {"model": {"w": torch.full((16_000_000,), float(step))}}, {"step": step}, {})
+        mgr.save(step, lambda d: dcp_save({"model": {"w": torch.full((16_000_000,), float(step))}}, d), {"step": step}, {})
         print(step, flush=True)
     """
 )
@@ -110,11 +115,11 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
     assert latest is not None and is_complete(latest)
     step = read_meta(latest)["step"]
     target = {"model": {"w": torch.zeros(16_000_000)}}
-    load_tensors(latest, target)
+    dcp_load(target, latest)
     assert torch.equal(target["model"]["w"], torch.full((16_000_000,), float(step)))
     assert load_rank_state(latest, 0) == {"step": step}
     # The interrupted write is not mistaken for a checkpoint, and the next save clears it.
     assert all(p.name.startswith("step_") for p in mgr.list())
-    nxt = mgr.save(step + 1, {"model": {"w": torch.full((16_000_000,), float(step + 1))}}, {}, {})
+    nxt = mgr.save(step + 1, lambda d: dcp_save({"model": {"w": torch.zeros(4)}}, d), {}, {})
     assert mgr.latest() == nxt and json.loads((nxt / "meta.json").read_text())["step"] == step + 1
     assert not any(root.glob(".tmp-step_*"))

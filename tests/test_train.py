@@ -3,6 +3,7 @@ and keep tracking in one MLflow run across a resume."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.sources import DIGITS_CLASSES, digits_samples
-from pretrain.checkpoint import load_tensors, read_meta
+from pretrain.checkpoint import read_meta
 from pretrain.config import ConfigError, load_config
 from pretrain.methods.mae import MaskedAutoencoder
 from pretrain.train import NonFiniteLossError, Trainer
@@ -58,9 +59,9 @@ def tiny_config(tmp_path: Path, shards: Path, *overrides: str):
 
 
 def checkpoint_tensors(path: Path, like: Trainer) -> dict:
-    state = like.engine.tensor_state(like.model, like.optimizer)
-    load_tensors(path, state)
-    return state
+    """Model and optimizer state of a checkpoint, loaded into `like`'s live objects and read back."""
+    like.engine.load_tensors(like.model, like.optimizer, path)
+    return copy.deepcopy({"model": like.model.state_dict(), "optim": like.optimizer.state_dict()})
 
 
 def assert_states_equal(a, b, where: str = "") -> None:

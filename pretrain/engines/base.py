@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from launch.env import WorldInfo
 from pretrain.config import Config
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 def resolve_device(spec: str, world: WorldInfo) -> torch.device:
@@ -27,6 +30,7 @@ def resolve_device(spec: str, world: WorldInfo) -> torch.device:
 
 class Engine(ABC):
     name: str
+    checkpoint_format: str = "dcp"  # what save_tensors writes; recorded in each checkpoint's meta.json
 
     def __init__(self, cfg: Config, world: WorldInfo):
         self.cfg = cfg
@@ -43,10 +47,15 @@ class Engine(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def prepare(self, method: nn.Module) -> nn.Module:
-        """Place (and wrap) the method's networks; returns the module to call in the loop."""
+    def setup(self, method: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Place and wrap the method, then build its optimizer over the wrapped parameters.
+
+        Returns the module the loop calls and the optimizer the schedule drives. Both come from one
+        call because some engines (DeepSpeed) must create them together.
+        """
 
     def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is already divided by the number of accumulation micro-steps."""
         loss.backward()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -58,10 +67,14 @@ class Engine(ABC):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    @abstractmethod
-    def tensor_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Model and optimizer state in the form DCP saves and loads in place."""
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a step that is skipped."""
+        optimizer.zero_grad(set_to_none=True)
 
     @abstractmethod
-    def load_tensor_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Apply a state filled by DCP to the live model and optimizer."""
+    def save_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        """Write model and optimizer state into `directory` (every rank calls this)."""
+
+    @abstractmethod
+    def load_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        """Restore model and optimizer state written by `save_tensors`, at any world size the format allows."""

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from pretrain.engines.base import Engine
+from pretrain.checkpoint import dcp_load, dcp_save
+from pretrain.engines.base import Engine, OptimizerFactory
 
 
-class SingleEngine(Engine):
+class DCPEngine(Engine):
+    """Engines whose model and optimizer state is a (possibly sharded) torch state dict saved with DCP.
+
+    `get_state_dict` gives the same fully-qualified names for a plain module, DDP and FSDP2, so a
+    checkpoint written by any of them loads into any other, at any world size.
+    """
+
+    checkpoint_format = "dcp"
+
+    def save_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp_save({"model": model_state, "optim": optim_state}, directory)
+
+    def load_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp_load(state, directory)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class SingleEngine(DCPEngine):
     name = "single"
 
-    def prepare(self, method: nn.Module) -> nn.Module:
+    def setup(self, method: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         if self.world.distributed:
             raise RuntimeError(f"engine.kind=single runs one process, but the launcher started {self.world.world_size}")
-        return method.to(self.device)
-
-    def tensor_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        return {"model": model_state, "optim": optim_state}
-
-    def load_tensor_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        model = method.to(self.device)
+        return model, make_optimizer(model)

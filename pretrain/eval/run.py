@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from data_pipeline.manifest import Manifest
-from pretrain.checkpoint import CheckpointManager, is_complete, load_tensors, read_meta
+from pretrain.checkpoint import CheckpointManager, dcp_load, is_complete, read_meta
 from pretrain.config import Config, apply_overrides, config_from_dict
 from pretrain.data import build_eval_loader
 from pretrain.eval.knn import knn_top1
@@ -45,7 +45,7 @@ def load_method(
     seed_everything(cfg.run.seed)
     method = build_method(cfg)
     if not random_init:
-        load_tensors(path, {"model": method.state_dict()})  # fills the live parameters in place
+        dcp_load({"model": method.state_dict()}, path)  # fills the live parameters in place
     return cfg, method.eval(), path
 
 
