@@ -167,3 +167,17 @@ class ResumableLoader:
         self._positions = {s: StreamPosition(epoch) for s in self._positions}
         self._rotation = 0
         self._skipped_base = int(state.get("skipped_total", 0))
+
+
+def merge_states(states: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """One state covering the streams of several ranks, for resuming at another world size.
+
+    Each rank then continues its streams exactly if the stream layout is unchanged, or restarts at
+    the earliest saved epoch otherwise (see `ResumableLoader.load_state_dict`).
+    """
+    if not states:
+        raise ValueError("no data loader states to merge")
+    merged = dict(states[0])
+    merged["streams"] = {s: p for state in states for s, p in state["streams"].items()}
+    merged["skipped_total"] = sum(int(state.get("skipped_total", 0)) for state in states)
+    return merged

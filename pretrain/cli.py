@@ -23,10 +23,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pretrain.train import train
+    from pretrain.distributed import destroy_distributed
+    from pretrain.train import Trainer
 
     overrides = list(args.overrides) + ([f"train.resume={json.dumps(args.resume)}"] if args.resume else [])
-    result = train(load_config(args.config, overrides))
+    try:
+        result = Trainer(load_config(args.config, overrides)).fit(until=args.until)
+    finally:
+        destroy_distributed()
     print(f"finished at step {result.step}; checkpoint: {result.checkpoint}; mlflow run: {result.mlflow_run_id}")
     return 0
 
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a method from a config")
     _add_config_args(train)
     train.add_argument("--resume", help="auto (latest good checkpoint), none, or a checkpoint path")
+    train.add_argument(
+        "--until", type=int, metavar="STEP", help="stop after this step (the schedule still spans train.steps)"
+    )
     train.set_defaults(func=cmd_train)
 
     config = commands.add_parser("config", help="validate a config with overrides and print it resolved")

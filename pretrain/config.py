@@ -19,6 +19,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+ENGINE_KINDS = ("single", "ddp", "fsdp", "deepspeed")
+
+
 class ConfigError(ValueError):
     """A configuration problem, always naming the offending key."""
 
@@ -99,7 +102,17 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = "single"
+    kind: str = "single"  # single | ddp | fsdp | deepspeed
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    reshard_after_forward: bool = (
+        True  # fsdp: free gathered parameters after forward (less memory, one more all-gather)
+    )
+    cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
+    meta_init: bool = False  # fsdp: build on the meta device so no rank ever holds the whole model
+    activation_checkpointing: bool = (
+        False  # recompute each transformer block in backward instead of storing activations
+    )
+    compile: bool = False  # torch.compile each transformer block
 
 
 @dataclass
@@ -280,7 +293,11 @@ def validate(cfg: Config) -> None:
     _choice("optim.lr_scaling", cfg.optim.lr_scaling, ("linear", "none"))
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     _choice("train.on_nonfinite", cfg.train.on_nonfinite, ("stop", "skip"))
-    _choice("engine.kind", cfg.engine.kind, ("single",))
+    _choice("engine.kind", cfg.engine.kind, ENGINE_KINDS)
+    _choice("engine.zero_stage", str(cfg.engine.zero_stage), ("1", "2", "3"))
+    for key in ("meta_init", "cpu_offload"):
+        if getattr(cfg.engine, key) and cfg.engine.kind != "fsdp":
+            raise ConfigError(f"engine.{key}: only the fsdp engine supports it (engine.kind is '{cfg.engine.kind}')")
     _choice("eval.pool", cfg.eval.pool, ("mean", "cls"))
 
     for key, value in [

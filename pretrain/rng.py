@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.reader import derive_seed
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -32,3 +34,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_step(seed: int, step: int, index: int) -> None:
+    """Seed torch's generators for one micro-batch from (seed, step, its index in the global batch)."""
+    torch.manual_seed(derive_seed(seed, "step", step, index))

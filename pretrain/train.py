@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +20,19 @@ from typing import Any
 
 import torch
 
+from data_pipeline.loader import merge_states
 from launch.env import host_tags, world_from_env
 from pretrain.checkpoint import CheckpointManager, load_rank_state, read_meta, resolve_resume
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader
+from pretrain.distributed import all_reduce_mean, gather_floats
 from pretrain.engines import build_engine
 from pretrain.logs import setup_logging
+from pretrain.memory import peak_memory_gb
 from pretrain.methods.registry import build_method
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
 from pretrain.progress import Progress
-from pretrain.rng import rng_state, seed_everything, set_rng_state
+from pretrain.rng import rng_state, seed_everything, seed_step, set_rng_state
 from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
 
 log = logging.getLogger("pretrain.train")
@@ -75,7 +80,8 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.samples_per_step = cfg.data.batch_size * cfg.optim.accum_steps * self.world.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.samples_per_step)
-        self.method = build_method(cfg)  # hooks and pictures; `model` is what the engine wrapped for training
+        with self.engine.init_context():
+            self.method = build_method(cfg)  # hooks and pictures; `model` is what the engine wrapped for training
         no_decay = self.method.no_weight_decay()
         self.model, self.optimizer = self.engine.setup(
             self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay)
@@ -153,9 +159,14 @@ class Trainer:
         self._check_resumable(meta["config"], path)
         self.engine.load_tensors(self.model, self.optimizer, path)
         rank_state = load_rank_state(path, self.world.rank)
-        if rank_state is None:
-            raise RuntimeError(
-                f"{path} has no state for rank {self.world.rank} (written at world size {meta['world_size']})"
+        if meta["world_size"] != self.world.world_size:
+            saved = [load_rank_state(path, rank) for rank in range(meta["world_size"])]
+            rank_state = {**(rank_state or saved[0]), "data": merge_states([s["data"] for s in saved])}
+            log.warning(
+                "checkpoint written at world size %d, resuming at %d: model and optimizer are resharded; "
+                "data streams continue where their layout allows",
+                meta["world_size"],
+                self.world.world_size,
             )
         self.scheduler.load_state_dict(rank_state["scheduler"])
         self.loader.load_state_dict(rank_state["data"])
@@ -171,7 +182,7 @@ class Trainer:
         """Train to `train.steps`, or stop early after step `until` (the schedule still spans
         train.steps), e.g. for jobs that get a fixed slice of a cluster's time."""
         cfg, engine = self.cfg, self.engine
-        total = cfg.train.steps
+        total, accum = cfg.train.steps, cfg.optim.accum_steps
         stop = total if until is None else min(until, total)
         result = TrainResult(step=self.step, mlflow_run_id=self.mlflow_run_id)
         progress = Progress(total, self.step, self.samples_per_step)
@@ -183,22 +194,28 @@ class Trainer:
         try:
             while self.step < stop:
                 before = (rng_state(), self.loader.state_dict()) if cfg.train.on_nonfinite == "stop" else None
+                started = time.perf_counter()
                 self.model.train()
                 loss_sum = torch.zeros((), device=engine.device)
                 extras: dict[str, torch.Tensor] = {}
-                for _ in range(cfg.optim.accum_steps):
+                for micro in range(accum):
                     batch = _to_device(next(batches), engine.device)
-                    with engine.autocast():
+                    # Method randomness (e.g. MAE masks) is keyed by the micro-batch's place in the global
+                    # batch, so N ranks draw what one process with N-fold accumulation would draw.
+                    seed_step(cfg.run.seed, self.step, micro * self.world.world_size + self.world.rank)
+                    with engine.accumulate(self.model, micro == accum - 1), engine.autocast():
                         out = self.model(batch)
-                    engine.backward(out["loss"] / cfg.optim.accum_steps)
+                        engine.backward(out["loss"] / accum)
                     loss_sum += out["loss"].detach().float()
                     for name, value in out.items():
                         if name != "loss":
                             extras[name] = extras.get(name, 0) + value.detach().float()
                 grad_norm = engine.clip_grad_norm(self.model, cfg.optim.grad_clip)
-                loss_value, grad_value = torch.stack([loss_sum / cfg.optim.accum_steps, grad_norm.float()]).tolist()
+                # One host sync per step: the finiteness decision must be the same on every rank.
+                stats = torch.stack([loss_sum / accum, grad_norm.float(), *(v / accum for v in extras.values())])
+                loss_value, grad_value, *extra_values = all_reduce_mean(stats).tolist()
 
-                if not (torch.isfinite(torch.tensor([loss_value, grad_value])).all()):
+                if not math.isfinite(loss_value) or not math.isfinite(grad_value):
                     engine.zero_grad(self.optimizer)
                     consecutive_skips += 1
                     result.skipped_steps += 1
@@ -221,8 +238,9 @@ class Trainer:
 
                 window.setdefault("loss", []).append(loss_value)
                 window.setdefault("grad_norm", []).append(grad_value)
-                for name, value in extras.items():
-                    window.setdefault(name, []).append(float(value) / cfg.optim.accum_steps)
+                window.setdefault("rank_step_time", []).append(time.perf_counter() - started)
+                for name, value in zip(extras, extra_values):
+                    window.setdefault(name, []).append(value)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     self._report(progress, window, lr)
                     window = {}
@@ -244,19 +262,29 @@ class Trainer:
         return result
 
     def _report(self, progress: Progress, window: dict[str, list[float]], lr: float) -> None:
+        """Log the window's means; per-rank figures expose stragglers and the most loaded rank."""
         rates = progress.report(self.step)
         means = {name: sum(values) / len(values) for name, values in window.items()}
+        per_rank = gather_floats(
+            [means.pop("rank_step_time"), peak_memory_gb(self.engine.device), self.loader.skipped_total]
+        )
+        step_times = [r[0] for r in per_rank]
         metrics = {
             **means,
             "lr": lr,
             "samples_per_sec": rates["samples_per_sec"],
             "step_time": rates["step_time"],
-            "data_skipped": float(self.loader.skipped_total),
+            "step_time_slowest_rank": max(step_times),
+            "step_time_spread": (max(step_times) - min(step_times)) / max(1e-9, sum(step_times) / len(step_times)),
+            "peak_memory_gb_max_rank": max(r[1] for r in per_rank),
+            "data_skipped": sum(r[2] for r in per_rank),
         }
-        if self.engine.device.type == "cuda":
-            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
+        if self.world.distributed:
+            metrics.update({f"peak_memory_gb_rank{rank}": r[1] for rank, r in enumerate(per_rank)})
         self.tracker.log_metrics(metrics, step=self.step)
         if self.world.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:  # a local record that needs no server
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
             log.info(progress.line(self.step, means["loss"], lr, rates))
 
     def _log_visuals(self, batch: dict[str, Any]) -> None:

@@ -52,6 +52,8 @@ def test_parse_override_bare_word_is_string():
         ("model.size=gigantic", "model.size: 'gigantic' is not one of"),
         ("model.attn_backend=flash9", "model.attn_backend"),
         ("engine.kind=mpi", "engine.kind"),
+        ("engine.zero_stage=4", "engine.zero_stage: '4' is not one of 1, 2, 3"),
+        ("engine.meta_init=true", "engine.meta_init: only the fsdp engine supports it"),
         ("data.batch_size=0", "data.batch_size: must be > 0"),
         ("optim.warmup_steps=5000", "optim.warmup_steps: 5000 exceeds train.steps 1000"),
         ("method.mae.decoder_dim=100", "method.mae.decoder_dim: 100 is not divisible"),

@@ -16,6 +16,7 @@ from torch import nn
 
 from launch.env import WorldInfo
 from pretrain.config import Config
+from pretrain.distributed import init_distributed
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -40,6 +41,15 @@ class Engine(ABC):
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
+        init_distributed(world, self.device)
+
+    def init_context(self) -> contextlib.AbstractContextManager:
+        """Where the method's parameters are created (the meta device for engines that materialize shards)."""
+        return contextlib.nullcontext()
+
+    def accumulate(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-step's forward/backward; engines skip gradient sync until the last one."""
+        return contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":

@@ -1,0 +1,26 @@
+"""Data parallel: every rank holds the whole model; gradients are averaged by DDP's bucketed all-reduce."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pretrain.engines.base import OptimizerFactory
+from pretrain.engines.parallelize import prepare_blocks
+from pretrain.engines.single import DCPEngine
+
+
+class DDPEngine(DCPEngine):
+    name = "ddp"
+
+    def setup(self, method: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        prepare_blocks(method, self.cfg.engine.activation_checkpointing, self.cfg.engine.compile)
+        method.to(self.device)
+        model = DistributedDataParallel(method, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return model, make_optimizer(model)
+
+    def accumulate(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last_micro_step else model.no_sync()

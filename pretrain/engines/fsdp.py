@@ -1,0 +1,56 @@
+"""FSDP2: parameters, gradients and optimizer state sharded across ranks, one `fully_shard` per block."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from pretrain.engines.base import OptimizerFactory
+from pretrain.engines.parallelize import prepare_blocks
+from pretrain.engines.single import DCPEngine
+
+
+class FSDPEngine(DCPEngine):
+    name = "fsdp"
+
+    def init_context(self) -> contextlib.AbstractContextManager:
+        return torch.device("meta") if self.cfg.engine.meta_init else contextlib.nullcontext()
+
+    def setup(self, method: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        opts = self.cfg.engine
+        mesh = init_device_mesh(self.device.type, (self.world.world_size,))
+        policy = {
+            "mesh": mesh,
+            "reshard_after_forward": opts.reshard_after_forward,
+            # bf16 compute with fp32 gradient reduction; gloo on CPU cannot all-gather bf16 reliably
+            "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision == "bf16" and self.device.type == "cuda"
+            else MixedPrecisionPolicy(),
+        }
+        if opts.cpu_offload:
+            policy["offload_policy"] = CPUOffloadPolicy()
+        prepare_blocks(method, opts.activation_checkpointing, opts.compile)
+        if not opts.meta_init and not opts.cpu_offload:
+            method.to(self.device)
+        for blocks in method.transformer_blocks():
+            for block in blocks:
+                fully_shard(block, **policy)
+        fully_shard(method, **policy)
+        if opts.meta_init:
+            # Allocate only this rank's shards, then initialize them; buffers are recomputed.
+            method.to_empty(device="cpu" if opts.cpu_offload else self.device)
+            method.init_weights()
+        return method, make_optimizer(method)
+
+    def accumulate(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        norm = super().clip_grad_norm(model, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm

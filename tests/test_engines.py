@@ -1,0 +1,134 @@
+"""Multi-process engines on CPU (gloo): DDP and FSDP2 match one process, and FSDP checkpoints
+resume at other world sizes with exactly the saved parameters and optimizer state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from data_pipeline.shard_writer import write_shards
+from data_pipeline.sources import DIGITS_CLASSES, digits_samples
+from pretrain.config import load_config
+from pretrain.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    write_shards(digits_samples(16), out, shard_size=64, classes=DIGITS_CLASSES, image_size=16)
+    return out
+
+
+def tiny_overrides(out: Path, shards: Path, *extra: str) -> list[str]:
+    return [
+        f'run.output_dir="{out}"',
+        "run.name=tiny",
+        f'data.shards="{shards}"',
+        "data.image_size=16",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.shuffle_buffer=50",
+        "data.pin_memory=false",
+        "model.size=tiny",
+        "model.patch_size=4",
+        "method.mae.decoder_dim=32",
+        "method.mae.decoder_depth=1",
+        "method.mae.decoder_heads=2",
+        "optim.base_lr=1e-3",
+        "optim.warmup_steps=2",
+        "optim.grad_clip=1.0",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.ckpt_every=0",
+        "tracking.enabled=false",
+        *extra,
+    ]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+def train_args(overrides: list[str], *extra: str) -> list[str]:
+    sets = [item for override in overrides for item in ("--set", override)]
+    return ["-m", "pretrain.cli", "train", str(REPO / "configs/mae_vit_tiny_digits.toml"), *sets, *extra]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, shards, engine):
+    """2 ranks x batch 8 == 1 process x 2 micro-batches of 8: same samples, masks and updates."""
+    base = tiny_overrides(tmp_path / "one", shards, "data.num_workers=2", "optim.accum_steps=2")
+    one = Trainer(load_config(REPO / "configs/mae_vit_tiny_digits.toml", base)).fit()
+    torchrun(2, train_args(tiny_overrides(tmp_path / "two", shards, f"engine.kind={engine}")))
+    two = losses(tmp_path / "two" / "tiny")
+    assert len(two) == 6
+    assert two == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
+
+
+def full_state_from_checkpoint(checkpoint: Path, overrides: list[str]) -> dict:
+    """What a checkpoint holds, loaded by one plain process: the reference for resharded loads."""
+    trainer = Trainer(
+        load_config(REPO / "configs/mae_vit_tiny_digits.toml", [*overrides, f'train.resume="{checkpoint}"'])
+    )
+    model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def assert_equal_states(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_states(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_states(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_fsdp_checkpoint_resumes_at_one_and_three_ranks(tmp_path, shards):
+    overrides = tiny_overrides(tmp_path, shards, "engine.kind=fsdp")
+    torchrun(2, train_args(overrides, "--until", "3"))
+    checkpoint = tmp_path / "tiny" / "checkpoints" / "step_00000003"
+    assert json.loads((checkpoint / "meta.json").read_text())["world_size"] == 2
+    reference = full_state_from_checkpoint(checkpoint, [*tiny_overrides(tmp_path / "ref", shards)])
+
+    for nproc in (1, 3):
+        dump = tmp_path / f"state_{nproc}.pt"
+        resumed = [*overrides, f'run.name="resume{nproc}"', f'train.resume="{checkpoint}"']
+        torchrun(
+            nproc,
+            [
+                str(REPO / "tests/dist_worker.py"),
+                str(REPO / "configs/mae_vit_tiny_digits.toml"),
+                str(dump),
+                "--fit",
+                *[x for o in resumed for x in ("--set", o)],
+            ],
+        )
+        state = torch.load(dump, weights_only=False)
+        assert state["step"] == 3
+        assert_equal_states({"model": state["model"], "optim": state["optim"]}, reference, f"world {nproc}")
+        continued = losses(tmp_path / f"resume{nproc}")
+        assert len(continued) == 3 and all(torch.isfinite(torch.tensor(continued)))
