@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from data_pipeline.shard_writer import write_shards
@@ -55,11 +56,14 @@ def tiny_overrides(out: Path, shards: Path, *extra: str) -> list[str]:
     ]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def torchrun(
+    nproc: int, args: list[str], timeout: float = 600, check: bool = True, **env
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    if check:
+        assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
 
 
@@ -132,3 +136,30 @@ def test_fsdp_checkpoint_resumes_at_one_and_three_ranks(tmp_path, shards):
         assert_equal_states({"model": state["model"], "optim": state["optim"]}, reference, f"world {nproc}")
         continued = losses(tmp_path / f"resume{nproc}")
         assert len(continued) == 3 and all(torch.isfinite(torch.tensor(continued)))
+
+
+def test_meta_init_never_materializes_the_whole_model(tmp_path):
+    """MAE ViT-L (1.26 GiB fp32) under a per-process cap of 0.75 x its size: built whole it cannot
+    exist; built on the meta device and sharded over 2 ranks, each holds half and runs a forward."""
+    script = str(REPO / "tests/dist_meta_init.py")
+    sharded = torchrun(2, [script, "meta", "0.75"], MALLOC_MMAP_THRESHOLD_="1048576")
+    assert sharded.stdout.count("local params 628 MiB") == 2, sharded.stdout
+    whole = torchrun(2, [script, "full", "0.75"], check=False, MALLOC_MMAP_THRESHOLD_="1048576")
+    assert whole.returncode != 0 and "can't allocate memory" in whole.stderr
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, shards):
+    plain = Trainer(load_config(None, tiny_overrides(tmp_path / "plain", shards, "train.steps=3"))).fit()
+    ac = tiny_overrides(tmp_path / "ac", shards, "train.steps=3", "engine.activation_checkpointing=true")
+    trainer = Trainer(load_config(None, ac))
+    assert all(isinstance(block, CheckpointWrapper) for block in trainer.method.encoder().blocks)
+    assert trainer.fit().losses == plain.losses
+
+
+def test_compiled_blocks_match_eager(tmp_path, shards):
+    eager = Trainer(load_config(None, tiny_overrides(tmp_path / "eager", shards, "train.steps=3"))).fit()
+    trainer = Trainer(
+        load_config(None, tiny_overrides(tmp_path / "compiled", shards, "train.steps=3", "engine.compile=true"))
+    )
+    assert all(isinstance(block, torch._dynamo.eval_frame.OptimizedModule) for block in trainer.method.encoder().blocks)
+    assert trainer.fit().losses == pytest.approx(eager.losses, rel=1e-5)

@@ -10,6 +10,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from pretrain.checkpoint import dcp_load, dcp_save
 from pretrain.engines.base import Engine, OptimizerFactory
+from pretrain.engines.parallelize import prepare_blocks
 
 
 class DCPEngine(Engine):
@@ -38,5 +39,6 @@ class SingleEngine(DCPEngine):
     def setup(self, method: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         if self.world.distributed:
             raise RuntimeError(f"engine.kind=single runs one process, but the launcher started {self.world.world_size}")
+        prepare_blocks(method, self.cfg.engine.activation_checkpointing, self.cfg.engine.compile)
         model = method.to(self.device)
         return model, make_optimizer(model)
