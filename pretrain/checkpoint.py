@@ -23,11 +23,14 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+
+from pretrain.distributed import gather_floats
 
 log = logging.getLogger("pretrain.checkpoint")
 
@@ -90,6 +93,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self._pending: tuple | None = None  # a background write not yet published
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -107,21 +111,63 @@ class CheckpointManager:
         """Write a complete checkpoint for `step` and make it the latest. Returns its directory.
 
         `write_tensors(directory)` writes the model/optimizer state (every rank calls it)."""
+        self.wait()
         start = time.perf_counter()
-        final, tmp = self.step_dir(step), self.root / f".tmp-step_{step:08d}"
+        tmp = self._begin(step, rank_state)
+        write_tensors(tmp)
+        return self._finish(step, tmp, meta, checkpoint_format, start)
+
+    def save_async(
+        self,
+        step: int,
+        start_write: Callable[[Path], Future],
+        rank_state: dict[str, Any],
+        meta: dict[str, Any],
+        checkpoint_format: str = "dcp",
+    ) -> None:
+        """Like `save`, but the tensors are written in the background: `start_write(directory)` returns
+        once the state is staged in memory, with a future for the write. The checkpoint becomes
+        visible (renamed into place, `latest` updated) at the first `poll()` after every rank's write
+        has finished; until then the previous checkpoint stays the latest."""
+        self.wait()
+        start = time.perf_counter()
+        tmp = self._begin(step, rank_state)
+        self._pending = (step, tmp, start_write(tmp), meta, checkpoint_format, start)
+
+    def poll(self) -> Path | None:
+        """Publish a background checkpoint if every rank has finished writing it (a collective)."""
+        if self._pending is None:
+            return None
+        done = self._pending[2].done()
+        if all(flags[0] for flags in gather_floats([float(done)])):
+            return self.wait()
+        return None
+
+    def wait(self) -> Path | None:
+        """Block until a background checkpoint is written, then publish it (a collective)."""
+        if self._pending is None:
+            return None
+        step, tmp, future, meta, checkpoint_format, start = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed write: the previous checkpoint stays the latest
+        return self._finish(step, tmp, meta, checkpoint_format, start)
+
+    def _begin(self, step: int, rank_state: dict[str, Any]) -> Path:
+        tmp = self.root / f".tmp-step_{step:08d}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob(".tmp-step_*"):  # from a process killed mid-write
                 shutil.rmtree(leftover)
-        self._barrier()
-        if self.rank == 0:
             tmp.mkdir()
         self._barrier()
-        write_tensors(tmp)
         with open(tmp / _rank_file(self.rank), "wb") as f:
             torch.save(rank_state, f)
             f.flush()
             os.fsync(f.fileno())
+        return tmp
+
+    def _finish(self, step: int, tmp: Path, meta: dict[str, Any], checkpoint_format: str, start: float) -> Path:
+        final = self.step_dir(step)
         self._barrier()
         if self.rank == 0:
             full_meta = {
@@ -196,6 +242,17 @@ def resolve_resume(spec: str, manager: CheckpointManager) -> Path | None:
 def dcp_save(tensors: dict[str, Any], path: Path) -> None:
     with _quiet_dcp():
         dcp.save(tensors, checkpoint_id=str(path))
+
+
+def dcp_async_save(tensors: dict[str, Any], path: Path, process_group=None) -> Future:
+    with _quiet_dcp():
+        response = dcp.async_save(
+            tensors,
+            checkpoint_id=str(path),
+            process_group=process_group,
+            no_dist=not torch.distributed.is_initialized(),
+        )
+    return getattr(response, "upload_completion", response)  # a Future, or an AsyncSaveResponse holding one
 
 
 def dcp_load(tensors: dict[str, Any], path: Path) -> None:

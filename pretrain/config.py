@@ -93,6 +93,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 3
+    async_checkpoint: bool = False  # write periodic checkpoints in the background (DCP engines)
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     on_nonfinite: str = "stop"  # stop: checkpoint the last good state and exit | skip: drop the step
@@ -295,6 +296,8 @@ def validate(cfg: Config) -> None:
     _choice("train.on_nonfinite", cfg.train.on_nonfinite, ("stop", "skip"))
     _choice("engine.kind", cfg.engine.kind, ENGINE_KINDS)
     _choice("engine.zero_stage", str(cfg.engine.zero_stage), ("1", "2", "3"))
+    if cfg.train.async_checkpoint and cfg.engine.kind == "deepspeed":
+        raise ConfigError("train.async_checkpoint: DeepSpeed writes its own checkpoints synchronously; use false")
     for key in ("meta_init", "cpu_offload"):
         if getattr(cfg.engine, key) and cfg.engine.kind != "fsdp":
             raise ConfigError(f"engine.{key}: only the fsdp engine supports it (engine.kind is '{cfg.engine.kind}')")

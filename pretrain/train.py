@@ -124,7 +124,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
         }
 
-    def save_checkpoint(self, rank_state: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(self, rank_state: dict[str, Any] | None = None, background: bool = False) -> Path | None:
+        """Write a checkpoint of the current step; in the background (published later by `poll`) if asked."""
         meta = {
             "engine": self.engine.name,
             "config": self.cfg.to_dict(),
@@ -132,13 +133,14 @@ class Trainer:
             "job_key": self.job_key,
             "samples_seen": self.step * self.samples_per_step,
         }
-        return self.checkpoints.save(
-            self.step,
-            lambda directory: self.engine.save_tensors(self.model, self.optimizer, directory),
-            rank_state or self._rank_state(),
-            meta,
-            self.engine.checkpoint_format,
-        )
+        rank_state = rank_state or self._rank_state()
+        model, optimizer, fmt = self.model, self.optimizer, self.engine.checkpoint_format
+        if background:
+            start = lambda directory: self.engine.save_tensors_async(model, optimizer, directory)  # noqa: E731
+            self.checkpoints.save_async(self.step, start, rank_state, meta, fmt)
+            return None
+        write = lambda directory: self.engine.save_tensors(model, optimizer, directory)  # noqa: E731
+        return self.checkpoints.save(self.step, write, rank_state, meta, fmt)
 
     def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
         """Architecture changes cannot resume; other changed settings are allowed but reported."""
@@ -244,13 +246,15 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     self._report(progress, window, lr)
                     window = {}
+                    result.checkpoint = self.checkpoints.poll() or result.checkpoint
                 if cfg.train.vis_every and self.step % cfg.train.vis_every == 0:
                     self._log_visuals(batch)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
-                    result.checkpoint = self.save_checkpoint()
+                    result.checkpoint = self.save_checkpoint(background=cfg.train.async_checkpoint) or result.checkpoint
                     last_saved = self.step
             if last_saved != self.step:
                 result.checkpoint = self.save_checkpoint()
+            result.checkpoint = self.checkpoints.wait() or result.checkpoint
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"

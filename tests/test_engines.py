@@ -163,3 +163,21 @@ def test_compiled_blocks_match_eager(tmp_path, shards):
     )
     assert all(isinstance(block, torch._dynamo.eval_frame.OptimizedModule) for block in trainer.method.encoder().blocks)
     assert trainer.fit().losses == pytest.approx(eager.losses, rel=1e-5)
+
+
+def test_fsdp_async_checkpoints_equal_synchronous_ones(tmp_path, shards):
+    for mode in ("sync", "async"):
+        overrides = tiny_overrides(
+            tmp_path / mode,
+            shards,
+            "engine.kind=fsdp",
+            "train.ckpt_every=2",
+            f"train.async_checkpoint={str(mode == 'async').lower()}",
+        )
+        torchrun(2, train_args(overrides, "--until", "4"))
+    reference_overrides = tiny_overrides(tmp_path / "ref", shards)
+    for step in (2, 4):
+        name = f"step_{step:08d}"
+        written = full_state_from_checkpoint(tmp_path / "async" / "tiny" / "checkpoints" / name, reference_overrides)
+        expected = full_state_from_checkpoint(tmp_path / "sync" / "tiny" / "checkpoints" / name, reference_overrides)
+        assert_equal_states(written, expected, name)

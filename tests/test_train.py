@@ -186,3 +186,16 @@ def test_resume_refuses_a_changed_network(tmp_path, digit_shards):
     changed = tiny_config(tmp_path, digit_shards, "tracking.enabled=false", "method.mae.decoder_depth=2")
     with pytest.raises(ConfigError, match=r"network changed \(method.mae.decoder_depth: 1 -> 2\)"):
         Trainer(changed)
+
+
+def test_async_checkpoints_equal_synchronous_ones(tmp_path, digit_shards):
+    common = ("tracking.enabled=false", "train.ckpt_every=2", "train.keep_last=5")
+    sync = Trainer(tiny_config(tmp_path / "sync", digit_shards, *common)).fit()
+    trainer = Trainer(tiny_config(tmp_path / "async", digit_shards, *common, "train.async_checkpoint=true"))
+    background = trainer.fit()
+    assert background.losses == sync.losses
+    assert [read_meta(p)["step"] for p in trainer.checkpoints.list()] == [2, 4, 6]
+    for step in (2, 4, 6):
+        written = checkpoint_tensors(trainer.checkpoints.step_dir(step), trainer)
+        reference = checkpoint_tensors(tmp_path / "sync" / "tiny" / "checkpoints" / f"step_{step:08d}", trainer)
+        assert_states_equal(written, reference, f"step {step}")

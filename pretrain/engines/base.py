@@ -32,6 +32,7 @@ def resolve_device(spec: str, world: WorldInfo) -> torch.device:
 class Engine(ABC):
     name: str
     checkpoint_format: str = "dcp"  # what save_tensors writes; recorded in each checkpoint's meta.json
+    supports_async_checkpoint: bool = False  # engines that implement save_tensors_async
 
     def __init__(self, cfg: Config, world: WorldInfo):
         self.cfg = cfg
