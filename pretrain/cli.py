@@ -57,6 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.cli import register as register_data
+    from pretrain.ckpt_tools import register as register_ckpt
 
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     knn.add_argument("--json", action="store_true", help="print the full report as JSON")
     knn.set_defaults(func=cmd_eval_knn)
+
+    register_ckpt(commands)
 
     demo = commands.add_parser("demo", help="digits shards -> MAE ViT-tiny pretraining -> kNN vs random init")
     demo.add_argument("--out", default="runs/demo", help="directory for shards, run and MLflow store")
