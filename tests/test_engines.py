@@ -181,3 +181,14 @@ def test_fsdp_async_checkpoints_equal_synchronous_ones(tmp_path, shards):
         written = full_state_from_checkpoint(tmp_path / "async" / "tiny" / "checkpoints" / name, reference_overrides)
         expected = full_state_from_checkpoint(tmp_path / "sync" / "tiny" / "checkpoints" / name, reference_overrides)
         assert_equal_states(written, expected, name)
+
+
+def test_three_ranks_train_and_report_per_rank_metrics(tmp_path, shards):
+    torchrun(3, train_args(tiny_overrides(tmp_path, shards, "engine.kind=ddp", "train.steps=3")))
+    records = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert all(record[f"peak_memory_gb_rank{rank}"] > 0 for rank in range(3))
+        assert record["peak_memory_gb_max_rank"] == max(record[f"peak_memory_gb_rank{rank}"] for rank in range(3))
+        assert record["step_time_slowest_rank"] > 0 and record["step_time_spread"] >= 0
+        assert torch.isfinite(torch.tensor(record["loss"]))
