@@ -11,44 +11,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from data_pipeline.shard_writer import write_shards
-from data_pipeline.sources import DIGITS_CLASSES, digits_samples
 from pretrain.ckpt_tools import export_weights, inspect_checkpoint
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.models.vit import build_vit, count_parameters
 from pretrain.train import Trainer
 
+from tiny import tiny_overrides
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):
+def trained(tmp_path_factory: pytest.TempPathFactory, digit_shards: Path):
     """A finished 2-step run: (trainer, its final checkpoint directory)."""
-    shards = tmp_path_factory.mktemp("digits")
-    write_shards(digits_samples(16), shards, shard_size=64, classes=DIGITS_CLASSES, image_size=16)
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(
-        None,
-        [
-            f'run.output_dir="{out}"',
-            "run.name=tiny",
-            f'data.shards="{shards}"',
-            "data.image_size=16",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "data.shuffle_buffer=50",
-            "data.pin_memory=false",
-            "model.size=tiny",
-            "model.patch_size=4",
-            "method.mae.decoder_dim=32",
-            "method.mae.decoder_depth=1",
-            "method.mae.decoder_heads=2",
-            "optim.base_lr=1e-3",
-            "optim.warmup_steps=2",
-            "train.steps=2",
-            "train.ckpt_every=0",
-            "tracking.enabled=false",
-        ],
-    )
+    cfg = load_config(None, tiny_overrides(out, digit_shards, "train.steps=2", "tracking.enabled=false"))
     trainer = Trainer(cfg)
     result = trainer.fit()
     assert result.step == 2 and result.checkpoint is not None

@@ -14,46 +14,23 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from data_pipeline.shard_writer import write_shards
-from data_pipeline.sources import DIGITS_CLASSES, digits_samples
 from pretrain.config import load_config
 from pretrain.train import Trainer
+
+from tiny import assert_equal_states
+from tiny import tiny_overrides as tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    write_shards(digits_samples(16), out, shard_size=64, classes=DIGITS_CLASSES, image_size=16)
-    return out
+@pytest.fixture
+def shards(digit_shards: Path) -> Path:
+    return digit_shards
 
 
 def tiny_overrides(out: Path, shards: Path, *extra: str) -> list[str]:
-    return [
-        f'run.output_dir="{out}"',
-        "run.name=tiny",
-        f'data.shards="{shards}"',
-        "data.image_size=16",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "data.shuffle_buffer=50",
-        "data.pin_memory=false",
-        "model.size=tiny",
-        "model.patch_size=4",
-        "method.mae.decoder_dim=32",
-        "method.mae.decoder_depth=1",
-        "method.mae.decoder_heads=2",
-        "optim.base_lr=1e-3",
-        "optim.warmup_steps=2",
-        "optim.grad_clip=1.0",
-        "train.steps=6",
-        "train.log_every=1",
-        "train.ckpt_every=0",
-        "tracking.enabled=false",
-        *extra,
-    ]
+    return tiny_run(out, shards, "tracking.enabled=false", *extra)
 
 
 def torchrun(
@@ -94,21 +71,6 @@ def full_state_from_checkpoint(checkpoint: Path, overrides: list[str]) -> dict:
     )
     model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
     return {"model": model_state, "optim": optim_state}
-
-
-def assert_equal_states(a, b, where="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_equal_states(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_states(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_fsdp_checkpoint_resumes_at_one_and_three_ranks(tmp_path, shards):

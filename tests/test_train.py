@@ -12,71 +12,23 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from data_pipeline.shard_writer import write_shards
-from data_pipeline.sources import DIGITS_CLASSES, digits_samples
 from pretrain.checkpoint import read_meta
 from pretrain.config import ConfigError, load_config
 from pretrain.methods.mae import MaskedAutoencoder
 from pretrain.train import NonFiniteLossError, Trainer
 
 from mlflow_server import free_port
-
-
-@pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    write_shards(digits_samples(16), out, shard_size=64, classes=DIGITS_CLASSES, image_size=16)
-    return out
+from tiny import assert_equal_states, tiny_overrides
 
 
 def tiny_config(tmp_path: Path, shards: Path, *overrides: str):
-    return load_config(
-        None,
-        [
-            f'run.output_dir="{tmp_path}"',
-            "run.name=tiny",
-            f'data.shards="{shards}"',
-            "data.image_size=16",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "data.shuffle_buffer=50",
-            "data.pin_memory=false",
-            "model.size=tiny",
-            "model.patch_size=4",
-            "method.mae.decoder_dim=32",
-            "method.mae.decoder_depth=1",
-            "method.mae.decoder_heads=2",
-            "optim.base_lr=1e-3",
-            "optim.warmup_steps=2",
-            "optim.grad_clip=1.0",
-            "train.steps=6",
-            "train.log_every=1",
-            "train.ckpt_every=0",
-            "tracking.flush_interval=0.2",
-            *overrides,
-        ],
-    )
+    return load_config(None, tiny_overrides(tmp_path, shards, "tracking.flush_interval=0.2", *overrides))
 
 
 def checkpoint_tensors(path: Path, like: Trainer) -> dict:
     """Model and optimizer state of a checkpoint, loaded into `like`'s live objects and read back."""
     like.engine.load_tensors(like.model, like.optimizer, path)
     return copy.deepcopy({"model": like.model.state_dict(), "optim": like.optimizer.state_dict()})
-
-
-def assert_states_equal(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"tensor differs at {where}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {where}"
-        for key in a:
-            assert_states_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_states_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"value differs at {where}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -96,7 +48,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, digit_shards, se
     second = resumed_trainer.fit()
 
     assert first.losses + second.losses == full.losses  # exact float equality, step by step
-    assert_states_equal(
+    assert_equal_states(
         checkpoint_tensors(second.checkpoint, straight), checkpoint_tensors(full.checkpoint, straight), "state"
     )
 
@@ -132,7 +84,7 @@ def test_nonfinite_loss_stops_with_checkpoint_of_last_good_state(tmp_path, digit
     saved = trainer.checkpoints.latest()
     assert read_meta(saved)["step"] == 2
     # The checkpoint holds exactly the state after the two good steps (no update from the bad one).
-    assert_states_equal(checkpoint_tensors(saved, trainer), checkpoint_tensors(clean.checkpoint, trainer))
+    assert_equal_states(checkpoint_tensors(saved, trainer), checkpoint_tensors(clean.checkpoint, trainer))
 
 
 def test_nonfinite_loss_skip_policy_drops_the_step(tmp_path, digit_shards, monkeypatch):
@@ -198,4 +150,4 @@ def test_async_checkpoints_equal_synchronous_ones(tmp_path, digit_shards):
     for step in (2, 4, 6):
         written = checkpoint_tensors(trainer.checkpoints.step_dir(step), trainer)
         reference = checkpoint_tensors(tmp_path / "sync" / "tiny" / "checkpoints" / f"step_{step:08d}", trainer)
-        assert_states_equal(written, reference, f"step {step}")
+        assert_equal_states(written, reference, f"step {step}")
