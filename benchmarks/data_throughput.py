@@ -36,6 +36,8 @@ from data_pipeline.reader import derive_seed
 from data_pipeline.shard_writer import encode_image, write_shards
 from data_pipeline.sources import Sample, synthetic_classes, synthetic_samples
 
+from machine import device_info
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -126,16 +128,6 @@ def measure(shards: list[str], files: list[tuple[str, int]], args: argparse.Name
         "files": {"samples_per_sec": rates["files"], "pass_seconds": timings["files"], "files": len(files)},
         "ratio_sharded_over_files": rates["sharded"] / rates["files"],
     }
-
-
-def device_info() -> dict[str, object]:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"type": "cpu", "cpu_model": model, "cores": os.cpu_count()}
 
 
 def main() -> int:
