@@ -174,7 +174,7 @@ def worker(args: argparse.Namespace) -> None:
         "final_loss": loss_value,
     }
     if cfg.engine.kind == "deepspeed" and world.rank == 0:
-        result["deepspeed_config"] = engine.config()  # what ZeRO ran with: bucket sizes decide much of its memory
+        result["deepspeed_config"] = engine.config(params)  # what ZeRO ran with: bucket sizes decide much of its memory
     if cuda:
         result["reserved_peak_gb"] = torch.cuda.max_memory_reserved(device) / GIB
     else:
