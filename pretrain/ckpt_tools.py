@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -435,9 +436,73 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+FORMATS = ("dcp", "deepspeed")
+
+
+def convert_checkpoint(path: str | Path, out: str | Path, to: str) -> Path:
+    """Write the checkpoint at `path` in format `to` as the complete checkpoint directory `out`.
+
+    Model and optimizer state are converted (through DeepSpeed's universal format); the per-rank
+    files (RNG, data position, schedule) are copied; meta.json records the new format and the
+    source. `out` appears atomically, like every checkpoint."""
+    from pretrain.checkpoint import META_FILE, is_complete, read_meta
+    from pretrain.config import config_from_dict
+    from pretrain.engines.zero_convert import dcp_to_deepspeed, deepspeed_to_dcp
+    from pretrain.methods.registry import build_method
+    from pretrain.optim import build_optimizer
+
+    source, out = resolve_checkpoint(path), Path(out)
+    meta = read_meta(source)
+    current = meta.get("format", "dcp")
+    if to not in FORMATS:
+        raise ValueError(f"--to: '{to}' is not one of {', '.join(FORMATS)}")
+    if current == to:
+        raise ValueError(f"{source} is already in {to} format")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    cfg = config_from_dict(meta["config"])
+
+    def method_builder():
+        return build_method(cfg)
+
+    def make_optimizer(model):  # the parameter groups of training; the values come from the checkpoint
+        return build_optimizer(model, cfg.optim, cfg.optim.base_lr, model.no_weight_decay())
+
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        convert = deepspeed_to_dcp if to == "dcp" else dcp_to_deepspeed
+        convert(source, tmp, method_builder, make_optimizer)
+        for rank_file in source.glob("rank_*.pt"):
+            shutil.copy2(rank_file, tmp / rank_file.name)
+        converted = {
+            **meta,
+            "format": to,
+            "engine": "single" if to == "dcp" else "deepspeed",
+            "converted_from": str(source),
+        }
+        (tmp / META_FILE).write_text(json.dumps(converted, indent=2, sort_keys=True))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not is_complete(out):
+        raise RuntimeError(f"conversion wrote an incomplete checkpoint at {out}")
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        out = convert_checkpoint(args.path, args.out, args.to)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError) as exc:
+        return _fail(exc)
+    print(f'wrote {out} ({args.to}); resume from it with --set train.resume="{out}"')
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ckpt inspect` and `ckpt export` to the top-level `pretrain` subparsers."""
-    ckpt = subparsers.add_parser("ckpt", help="inspect a checkpoint, export its weights to safetensors")
+    """Add `ckpt inspect`, `ckpt export` and `ckpt convert` to the top-level `pretrain` subparsers."""
+    ckpt = subparsers.add_parser("ckpt", help="inspect, export or convert checkpoints")
     commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
     where = "checkpoint directory, or a run/checkpoints directory (its latest complete checkpoint)"
 
@@ -458,3 +523,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--dtype", choices=DTYPES, default="float32", help="tensor dtype in the file (default float32)")
     export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     export.set_defaults(func=cmd_export)
+
+    convert = commands.add_parser("convert", help="convert between DeepSpeed and DCP checkpoints")
+    convert.add_argument("path", help=where)
+    convert.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
+    convert.add_argument("--out", required=True, help="the checkpoint directory to create")
+    convert.set_defaults(func=cmd_convert)

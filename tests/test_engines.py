@@ -154,3 +154,51 @@ def test_three_ranks_train_and_report_per_rank_metrics(tmp_path, shards):
         assert record["peak_memory_gb_max_rank"] == max(record[f"peak_memory_gb_rank{rank}"] for rank in range(3))
         assert record["step_time_slowest_rank"] > 0 and record["step_time_spread"] >= 0
         assert torch.isfinite(torch.tensor(record["loss"]))
+
+
+def test_deepspeed_checkpoint_converted_to_dcp_resumes_with_fsdp(tmp_path, shards):
+    pytest.importorskip("deepspeed")
+    overrides = tiny_overrides(tmp_path, shards, "engine.kind=deepspeed", "engine.zero_stage=2")
+    torchrun(2, train_args(overrides, "--until", "3"))
+    deepspeed_checkpoint = tmp_path / "tiny" / "checkpoints" / "step_00000003"
+    converted = tmp_path / "converted"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.cli",
+            "ckpt",
+            "convert",
+            str(deepspeed_checkpoint),
+            "--to",
+            "dcp",
+            "--out",
+            str(converted),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((converted / "meta.json").read_text())
+    assert (meta["format"], meta["step"], meta["world_size"]) == ("dcp", 3, 2)
+    reference = full_state_from_checkpoint(converted, tiny_overrides(tmp_path / "ref", shards))
+
+    dump = tmp_path / "fsdp_state.pt"
+    resumed = [*tiny_overrides(tmp_path, shards, "engine.kind=fsdp"), 'run.name="fsdp"', f'train.resume="{converted}"']
+    torchrun(
+        2,
+        [
+            str(REPO / "tests/dist_worker.py"),
+            str(REPO / "configs/mae_vit_tiny_digits.toml"),
+            str(dump),
+            "--fit",
+            *[x for o in resumed for x in ("--set", o)],
+        ],
+    )
+    state = torch.load(dump, weights_only=False)
+    assert state["step"] == 3
+    assert_equal_states({"model": state["model"], "optim": state["optim"]}, reference, "fsdp after conversion")
+    continued = losses(tmp_path / "fsdp")
+    assert len(continued) == 3 and all(torch.isfinite(torch.tensor(continued)))
