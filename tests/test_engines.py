@@ -14,7 +14,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError, load_config
 from pretrain.train import Trainer
 
 from tiny import assert_equal_states
@@ -53,12 +53,16 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "engine",
+    [["engine.kind=ddp"], ["engine.kind=fsdp"]],
+    ids=["ddp", "fsdp"],
+)
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, shards, engine):
     """2 ranks x batch 8 == 1 process x 2 micro-batches of 8: same samples, masks and updates."""
     base = tiny_overrides(tmp_path / "one", shards, "data.num_workers=2", "optim.accum_steps=2")
     one = Trainer(load_config(REPO / "configs/mae_vit_tiny_digits.toml", base)).fit()
-    torchrun(2, train_args(tiny_overrides(tmp_path / "two", shards, f"engine.kind={engine}")))
+    torchrun(2, train_args(tiny_overrides(tmp_path / "two", shards, *engine)))
     two = losses(tmp_path / "two" / "tiny")
     assert len(two) == 6
     assert two == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
@@ -145,8 +149,19 @@ def test_fsdp_async_checkpoints_equal_synchronous_ones(tmp_path, shards):
         assert_equal_states(written, expected, name)
 
 
-def test_three_ranks_train_and_report_per_rank_metrics(tmp_path, shards):
-    torchrun(3, train_args(tiny_overrides(tmp_path, shards, "engine.kind=ddp", "train.steps=3")))
+@pytest.mark.parametrize(
+    "engine",
+    [
+        ["engine.kind=ddp"],
+        ["engine.kind=fsdp", "engine.reshard_after_forward=false"],
+        ["engine.kind=deepspeed", "engine.zero_stage=3"],
+    ],
+    ids=["ddp", "fsdp-no-reshard", "zero3"],
+)
+def test_three_ranks_train_and_report_per_rank_metrics(tmp_path, shards, engine):
+    if "engine.kind=deepspeed" in engine:
+        pytest.importorskip("deepspeed")
+    torchrun(3, train_args(tiny_overrides(tmp_path, shards, *engine, "train.steps=3")))
     records = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
@@ -202,3 +217,10 @@ def test_deepspeed_checkpoint_converted_to_dcp_resumes_with_fsdp(tmp_path, shard
     assert_equal_states({"model": state["model"], "optim": state["optim"]}, reference, "fsdp after conversion")
     continued = losses(tmp_path / "fsdp")
     assert len(continued) == 3 and all(torch.isfinite(torch.tensor(continued)))
+
+
+def test_cpu_offload_on_a_cpu_run_fails_before_any_work(tmp_path, shards):
+    cfg = load_config(None, tiny_overrides(tmp_path, shards, "engine.kind=fsdp", "engine.cpu_offload=true"))
+    with pytest.raises(ConfigError, match="engine.cpu_offload: .* already computes on the CPU"):
+        Trainer(cfg)
+    assert not any(tmp_path.iterdir())

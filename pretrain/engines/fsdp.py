@@ -10,13 +10,23 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from pretrain.engines.base import OptimizerFactory
+from launch.env import WorldInfo
+from pretrain.config import Config, ConfigError
+from pretrain.engines.base import OptimizerFactory, resolve_device
 from pretrain.engines.parallelize import prepare_blocks
 from pretrain.engines.single import DCPEngine
 
 
 class FSDPEngine(DCPEngine):
     name = "fsdp"
+
+    def __init__(self, cfg: Config, world: WorldInfo):
+        if cfg.engine.cpu_offload and resolve_device(cfg.run.device, world).type == "cpu":
+            raise ConfigError(
+                "engine.cpu_offload: offloading keeps sharded state in CPU memory between accelerator steps; "
+                "this run already computes on the CPU"
+            )
+        super().__init__(cfg, world)
 
     def init_context(self) -> contextlib.AbstractContextManager:
         return torch.device("meta") if self.cfg.engine.meta_init else contextlib.nullcontext()
