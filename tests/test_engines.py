@@ -68,6 +68,14 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, shards
     assert two == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
 
 
+def resume_dump_and_train(nproc: int, overrides: list[str], dump: Path) -> dict:
+    """Under torchrun: build the Trainer (it resumes), dump its full state as loaded, train on."""
+    sets = [item for override in overrides for item in ("--set", override)]
+    worker = [str(REPO / "tests/dist_worker.py"), str(REPO / "configs/mae_vit_tiny_digits.toml"), str(dump)]
+    torchrun(nproc, [*worker, "--fit", *sets])
+    return torch.load(dump, weights_only=False)
+
+
 def full_state_from_checkpoint(checkpoint: Path, overrides: list[str]) -> dict:
     """What a checkpoint holds, loaded by one plain process: the reference for resharded loads."""
     trainer = Trainer(
@@ -87,17 +95,7 @@ def test_fsdp_checkpoint_resumes_at_one_and_three_ranks(tmp_path, shards):
     for nproc in (1, 3):
         dump = tmp_path / f"state_{nproc}.pt"
         resumed = [*overrides, f'run.name="resume{nproc}"', f'train.resume="{checkpoint}"']
-        torchrun(
-            nproc,
-            [
-                str(REPO / "tests/dist_worker.py"),
-                str(REPO / "configs/mae_vit_tiny_digits.toml"),
-                str(dump),
-                "--fit",
-                *[x for o in resumed for x in ("--set", o)],
-            ],
-        )
-        state = torch.load(dump, weights_only=False)
+        state = resume_dump_and_train(nproc, resumed, dump)
         assert state["step"] == 3
         assert_equal_states({"model": state["model"], "optim": state["optim"]}, reference, f"world {nproc}")
         continued = losses(tmp_path / f"resume{nproc}")
@@ -202,17 +200,7 @@ def test_deepspeed_checkpoint_converted_to_dcp_resumes_with_fsdp(tmp_path, shard
 
     dump = tmp_path / "fsdp_state.pt"
     resumed = [*tiny_overrides(tmp_path, shards, "engine.kind=fsdp"), 'run.name="fsdp"', f'train.resume="{converted}"']
-    torchrun(
-        2,
-        [
-            str(REPO / "tests/dist_worker.py"),
-            str(REPO / "configs/mae_vit_tiny_digits.toml"),
-            str(dump),
-            "--fit",
-            *[x for o in resumed for x in ("--set", o)],
-        ],
-    )
-    state = torch.load(dump, weights_only=False)
+    state = resume_dump_and_train(2, resumed, dump)
     assert state["step"] == 3
     assert_equal_states({"model": state["model"], "optim": state["optim"]}, reference, "fsdp after conversion")
     continued = losses(tmp_path / "fsdp")
