@@ -10,9 +10,11 @@ from typing import Any
 import torch
 
 from data_pipeline.manifest import Manifest
+from launch.env import WorldInfo
 from pretrain.checkpoint import CheckpointManager, dcp_load, is_complete, read_meta
 from pretrain.config import Config, apply_overrides, config_from_dict
 from pretrain.data import build_eval_loader
+from pretrain.engines.base import resolve_device
 from pretrain.eval.knn import knn_top1
 from pretrain.methods.base import Method
 from pretrain.methods.registry import build_method
@@ -78,7 +80,7 @@ def evaluate_knn(
     start = time.perf_counter()
     cfg, method, path = load_method(checkpoint, random_init, overrides)
     shards = shards or cfg.eval.shards or cfg.data.shards
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    device = resolve_device(cfg.run.device, WorldInfo())
     encoder = method.encoder().to(device)
     train_x, train_y = extract_features(encoder, build_eval_loader(cfg, shards, train_split), cfg.eval.pool, device)
     test_x, test_y = extract_features(encoder, build_eval_loader(cfg, shards, test_split), cfg.eval.pool, device)
