@@ -49,6 +49,17 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     pin_memory: bool = True
     prefetch_factor: int = 2
+    # Joint-embedding views (MoCo v3, DINO); pairs are (first global view, second global view).
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: tuple[float, float] = (1.0, 0.1)
+    solarize_prob: tuple[float, float] = (0.0, 0.2)
+    local_crops: int = 0  # DINO multi-crop: number of small local views besides the 2 global ones
+    local_crop_size: int = 96
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    local_blur_prob: float = 0.5
+    color_augment_on: str = "workers"  # workers: per sample in the data workers | device: batched after transfer
 
 
 @dataclass
@@ -69,9 +80,36 @@ class MAEConfig:
 
 
 @dataclass
+class MoCoConfig:
+    proj_dim: int = 256
+    mlp_dim: int = 4096
+    temperature: float = 0.2
+    momentum: float = 0.99  # base EMA momentum of the key encoder, raised to 1 on a cosine over training
+    freeze_patch_embed: bool = True  # the paper's random, frozen patch projection (stabilizes ViT training)
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True  # weight-normalized last layer with its norm fixed to 1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    center_momentum: float = 0.9
+    momentum: float = 0.996  # base teacher EMA momentum, raised to 1 on a cosine over training
+    freeze_last_layer_steps: int = 0  # the last head layer gets no updates for this many steps (DINO: 1 epoch)
+
+
+@dataclass
 class MethodConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
 
 
 @dataclass
@@ -80,6 +118,9 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: lr = base_lr * global_batch / 256; none: lr = base_lr
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: float = (
+        -1.0
+    )  # >= 0: weight decay follows a cosine from weight_decay to this (DINO); < 0: constant
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     warmup_steps: int = 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from data_pipeline.augment import eval_transform, mae_transform
+from data_pipeline.augment import eval_transform
 from data_pipeline.loader import ResumableLoader
 from launch.env import WorldInfo
 from pretrain.config import Config, ConfigError
+from pretrain.methods.registry import build_train_transform
 
 
 def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
@@ -23,7 +24,7 @@ def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
     return ResumableLoader(
         data.shards,
         batch_size=data.batch_size,
-        transform=mae_transform(data.image_size, data.crop_scale, data.mean, data.std, data.hflip),
+        transform=build_train_transform(cfg),
         seed=cfg.run.seed,
         rank=world.rank,
         world_size=world.world_size,

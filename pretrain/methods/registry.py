@@ -1,11 +1,20 @@
-"""Method name -> builder from the config; the only place that knows every method by name."""
+"""Method name -> how to build it and what its training samples look like; the only place that knows every
+method by name (the loop, the data loader and the config checks look methods up here)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pretrain.config import Config
 from pretrain.methods.base import Method
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    build: Callable[[Config], Method]
+    # (PIL image, torch.Generator) -> tensor, or a list of tensors for multi-view methods
+    train_transform: Callable[[Config], Callable]
 
 
 def build_encoder(cfg: Config):
@@ -37,8 +46,21 @@ def build_mae(cfg: Config) -> Method:
     )
 
 
-METHODS: dict[str, Callable[[Config], Method]] = {"mae": build_mae}
+def mae_train_transform(cfg: Config):
+    from data_pipeline.augment import mae_transform
+
+    data = cfg.data
+    return mae_transform(data.image_size, data.crop_scale, data.mean, data.std, data.hflip)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "mae": MethodSpec(build_mae, mae_train_transform),
+}
 
 
 def build_method(cfg: Config) -> Method:
-    return METHODS[cfg.method.name](cfg)
+    return METHODS[cfg.method.name].build(cfg)
+
+
+def build_train_transform(cfg: Config):
+    return METHODS[cfg.method.name].train_transform(cfg)
