@@ -19,8 +19,9 @@ def _qkv(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool = False
 
 
 def test_backend_names() -> None:
-    assert set(ATTENTION_BACKENDS) == {"sdpa", "reference"}
-    assert available_backends() == ATTENTION_BACKENDS
+    assert ATTENTION_BACKENDS == ("sdpa", "reference", "triton", "xformers")
+    assert available_backends()[:2] == ("sdpa", "reference")
+    assert set(available_backends()) <= set(ATTENTION_BACKENDS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -46,7 +47,7 @@ def test_reference_is_softmax_attention_in_float32_for_low_precision() -> None:
 def test_gradients_match_reference(dtype: torch.dtype) -> None:
     upstream = torch.randn((2, 3, 50, 32), generator=torch.Generator().manual_seed(1), dtype=dtype)
     grads = {}
-    for backend in ATTENTION_BACKENDS:
+    for backend in ("sdpa", "reference"):
         q, k, v = _qkv((2, 3, 50, 32), dtype, requires_grad=True)
         (attention(q, k, v, backend=backend) * upstream).sum().backward()
         grads[backend] = (q.grad, k.grad, v.grad)
@@ -56,5 +57,5 @@ def test_gradients_match_reference(dtype: torch.dtype) -> None:
 
 def test_unknown_backend_names_the_available_ones() -> None:
     q, k, v = _qkv((1, 1, 4, 8), torch.float32)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'flash3'; available: sdpa, reference"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash3'; available: sdpa, reference\b"):
         attention(q, k, v, backend="flash3")
