@@ -34,6 +34,8 @@ class Manifest:
     splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
+    # Latent shards only (`pretrain data latents`): channels, size, scale_factor, vae, ... ; None for images.
+    latent: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path:
@@ -63,6 +65,7 @@ class Manifest:
                 splits=splits,
                 created=raw["created"],
                 format_version=version,
+                latent=raw.get("latent"),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: missing or malformed field ({exc})") from exc
@@ -77,7 +80,7 @@ class Manifest:
             }
             for name, shards in self.splits.items()
         }
-        return {
+        out = {
             "format_version": self.format_version,
             "created": self.created,
             "source": self.source,
@@ -88,6 +91,9 @@ class Manifest:
                 key: sum(split[key] for split in splits.values()) for key in ("num_shards", "num_samples", "bytes")
             },
         }
+        if self.latent is not None:
+            out["latent"] = self.latent
+        return out
 
     def save(self) -> Path:
         """Write manifest.json atomically, so a reader never sees a half-written one."""

@@ -28,7 +28,7 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_record
+from data_pipeline.decode import IMAGE_EXTENSIONS, LATENT_EXTENSION, DecodeError, decode_record
 from data_pipeline.shardlist import resolve_shards
 
 log = logging.getLogger("data_pipeline")
@@ -38,7 +38,7 @@ Batch = dict[str, Any]
 ImageTransform = Callable[[Image.Image, torch.Generator], Any]  # -> a tensor, or a list of views
 T = TypeVar("T")
 
-_KEPT_MEMBERS = frozenset(IMAGE_EXTENSIONS) | {"cls"}
+_KEPT_MEMBERS = frozenset(IMAGE_EXTENSIONS) | {"cls", LATENT_EXTENSION}
 
 
 @dataclass(frozen=True)

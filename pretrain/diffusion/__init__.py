@@ -1,0 +1,1 @@
+"""Rectified-flow training targets and ODE samplers for diffusion models."""

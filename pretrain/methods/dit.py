@@ -1,0 +1,205 @@
+"""Class-conditional DiT trained with rectified flow, with an EMA copy of its weights for sampling."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.config import Config, ConfigError
+from pretrain.diffusion.flow import flow_matching_loss, interpolate, logit_normal_timesteps
+from pretrain.diffusion.sampling import guided_velocity, sample
+from pretrain.diffusion.transforms import latent_transform, pixel_transform, to_unit
+from pretrain.methods.base import Method
+from pretrain.models.dit import DiT, build_dit
+from pretrain.visualize import image_grid
+
+
+class RectifiedFlowDiT(Method):
+    """Trains `model` to predict v = z - x at x_t = (1 - t) x + t z; keeps `ema`, its exponential moving
+    average, which the engine updates after every optimizer step and which sampling uses.
+
+    The EMA copy lives in this module so it is checkpointed (and sharded) with the model; its
+    parameters do not require grad, so the optimizer never sees them. In latent space `decode`
+    maps latents back to pixels with a VAE that is loaded on first use and kept outside the module
+    tree (it is not trained and not checkpointed with the DiT).
+    """
+
+    def __init__(
+        self,
+        model: DiT,
+        *,
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        t_shift: float = 1.0,
+        ema_momentum: float = 0.9999,
+        ema_warmup: bool = False,
+        latent_scale: float = 1.0,
+        vae_path: str = "",
+        sample_steps: int = 50,
+        sample_cfg_scale: float = 4.0,
+        sampler: str = "euler",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.t_mean, self.t_std, self.t_shift = t_mean, t_std, t_shift
+        self.ema_base, self.ema_warmup = ema_momentum, ema_warmup
+        self.vae_path = vae_path
+        self.sample_steps, self.sample_cfg_scale, self.sampler = sample_steps, sample_cfg_scale, sampler
+        # Persistent, so a checkpoint samples correctly without the latent manifest it was trained from.
+        self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
+        self.initial_latent_scale = float(latent_scale)
+        self.__dict__["_vae"] = None  # not a submodule: never trained, saved or sharded with the DiT
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize the model and start the EMA equal to it (e.g. after building on the meta device)."""
+        self.model.init_weights()
+        self.ema.init_weights()
+        self.latent_scale.fill_(self.initial_latent_scale)
+        for avg, online in zip(self.ema.parameters(), self.model.parameters()):
+            avg.copy_(online)
+
+    def encoder(self) -> DiT:
+        """The EMA network: the weights to sample from and to export."""
+        return self.ema
+
+    def transformer_blocks(self) -> list[nn.ModuleList]:
+        return [self.model.blocks, self.ema.blocks]
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.ema, self.model)]
+
+    def ema_momentum(self, step: int, total_steps: int) -> float:
+        """The configured momentum; with warmup, min(m, (1 + step) / (10 + step)) so that a short run's
+        average is not dominated by its random initialization."""
+        if self.ema_warmup:
+            return min(self.ema_base, (1 + step) / (10 + step))
+        return self.ema_base
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = batch["image"]
+        noise = torch.randn_like(x)
+        t = logit_normal_timesteps(x.shape[0], self.t_mean, self.t_std, self.t_shift, x.device)
+        prediction = self.model(interpolate(x, noise, t), t, batch["label"])
+        return {"loss": flow_matching_loss(prediction, x, noise)}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """Samples in the network's space (latents, or pixels in [-1, 1]) for `labels`, from the EMA weights."""
+        net = self.ema if use_ema else self.model
+        was_training = net.training
+        net.eval()
+        try:
+            shape = (labels.shape[0], net.in_channels, net.input_size, net.input_size)
+            device = net.x_embedder.weight.device
+            noise = torch.randn(shape, generator=generator, device=device)
+            scale = self.sample_cfg_scale if cfg_scale is None else cfg_scale
+            velocity = guided_velocity(net, labels.to(device), scale, net.null_class)
+            return sample(velocity, noise, steps or self.sample_steps, sampler or self.sampler, self.t_shift)
+        finally:
+            net.train(was_training)
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """Network-space samples -> pictures in [0, 1]."""
+        if not self.vae_path:
+            return to_unit(x.float())
+        if self._vae is None:
+            from pretrain.models.vae_loading import load_vae
+
+            self.__dict__["_vae"] = load_vae(self.vae_path).eval()
+        vae = self._vae.to(x.device)
+        return to_unit(vae.decode(x.float() / self.latent_scale))
+
+    @torch.no_grad()
+    def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Two rows of EMA samples, one column per class (the first 10), at the configured guidance scale.
+
+        A fixed-seed generator: the same noise at every call, so grids compare across steps, and the
+        training RNG stream is untouched.
+        """
+        num_classes = min(self.ema.num_classes, 10)
+        labels = torch.arange(num_classes).repeat(2)
+        generator = torch.Generator(device=self.ema.x_embedder.weight.device).manual_seed(0)
+        images = self.decode(self.generate(labels, generator=generator))
+        return {"samples": image_grid(images, nrow=num_classes)}
+
+
+def resolve_latent_scale(cfg: Config) -> float:
+    """method.dit.latent_scale, else the scale_factor the latent manifest of data.shards records; 1 in pixel space."""
+    dit = cfg.method.dit
+    if dit.space == "pixel":
+        return 1.0
+    if dit.latent_scale > 0:
+        return dit.latent_scale
+    from data_pipeline.manifest import Manifest
+
+    try:
+        latent = Manifest.load(cfg.data.shards).latent
+    except (FileNotFoundError, ValueError, NotADirectoryError) as exc:
+        raise ConfigError(
+            f"method.dit.latent_scale: 0 reads it from the latent manifest of data.shards ({exc})"
+        ) from exc
+    if not latent or not math.isfinite(latent.get("scale_factor", math.nan)):
+        raise ConfigError(
+            f"method.dit.latent_scale: 0 reads it from data.shards, but {cfg.data.shards} holds no latent manifest; "
+            "write latents with `pretrain data latents` or set the scale"
+        )
+    return float(latent["scale_factor"])
+
+
+def _latent_scale_or_placeholder(cfg: Config) -> float:
+    """Training resolves the scale first (for the data transform) and fails there if it cannot; a method
+    rebuilt from a checkpoint gets the saved `latent_scale` buffer, so the data need not be present."""
+    try:
+        return resolve_latent_scale(cfg)
+    except ConfigError:
+        return 1.0
+
+
+def build_dit_method(cfg: Config) -> RectifiedFlowDiT:
+    dit = cfg.method.dit
+    model = build_dit(
+        dit.size,
+        hidden_dim=dit.hidden_dim,
+        depth=dit.depth,
+        num_heads=dit.num_heads,
+        input_size=dit.input_size,
+        patch_size=dit.patch_size,
+        in_channels=dit.in_channels,
+        num_classes=dit.num_classes,
+        class_dropout=dit.class_dropout,
+        attn_backend=cfg.model.attn_backend,
+    )
+    return RectifiedFlowDiT(
+        model,
+        t_mean=dit.t_mean,
+        t_std=dit.t_std,
+        t_shift=dit.t_shift,
+        ema_momentum=dit.ema_momentum,
+        ema_warmup=dit.ema_warmup,
+        latent_scale=_latent_scale_or_placeholder(cfg),
+        vae_path=dit.vae if dit.space == "latent" else "",
+        sample_steps=dit.sample_steps,
+        sample_cfg_scale=dit.sample_cfg_scale,
+        sampler=dit.sampler,
+    )
+
+
+def dit_train_transform(cfg: Config):
+    dit = cfg.method.dit
+    if dit.space == "pixel":
+        return pixel_transform(dit.input_size, dit.in_channels, cfg.data.crop_scale, cfg.data.hflip)
+    return latent_transform(resolve_latent_scale(cfg))

@@ -1,0 +1,131 @@
+"""Training the KL autoencoder: reconstruction + small-weight KL, and optionally a patch-GAN.
+
+How the GAN fits the one-optimizer loop: the generator (VAE) and the discriminator share the loop's
+single AdamW, and one backward gives both their gradients. The total loss is
+
+    rec + kl_weight * KL + [step >= gan_start] * gan_weight * G_adv + D_loss
+
+where D_loss (hinge) sees the reconstruction *detached*, so it trains only the discriminator, and
+G_adv = -D(recon) is computed through a copy of the discriminator's parameters that is detached
+(`torch.func.functional_call`), so it trains only the VAE. The discriminator learns from step 0; the
+generator term switches on at `gan_start`, once reconstructions are reasonable. The step count is a
+persistent buffer, so a resumed run switches at the same step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from pretrain.config import Config
+from pretrain.diffusion.transforms import to_unit
+from pretrain.methods.base import Method
+from pretrain.models.vae import AutoencoderKL, build_vae
+from pretrain.visualize import image_grid
+
+
+class PatchDiscriminator(nn.Module):
+    """Conv stack that scores overlapping patches real (> 0) or fake (< 0); GroupNorm keeps it batch-independent."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        modules: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for _ in range(1, layers):
+            modules += [
+                nn.Conv2d(width, 2 * width, 4, stride=2, padding=1, bias=False),
+                nn.GroupNorm(min(32, 2 * width), 2 * width),
+                nn.LeakyReLU(0.2),
+            ]
+            width *= 2
+        modules.append(nn.Conv2d(width, 1, 3, padding=1))
+        self.net = nn.Sequential(*modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
+    diff = recon.float() - target.float()
+    return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
+
+
+class KLAutoencoderTraining(Method):
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        recon_loss: str = "l1",
+        kl_weight: float = 1e-6,
+        gan_weight: float = 0.0,
+        gan_start: int = 0,
+        disc_channels: int = 64,
+        disc_layers: int = 3,
+        num_visuals: int = 8,
+    ) -> None:
+        super().__init__()
+        self.vae = vae
+        self.recon_loss, self.kl_weight = recon_loss, kl_weight
+        self.gan_weight, self.gan_start = gan_weight, gan_start
+        self.discriminator = (
+            PatchDiscriminator(vae.arch.out_channels, disc_channels, disc_layers) if gan_weight > 0 else None
+        )
+        self.num_visuals = num_visuals
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """PyTorch's default init of every layer, e.g. after building on the meta device and `to_empty`."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self.steps_done.zero_()
+
+    def encoder(self) -> AutoencoderKL:
+        return self.vae
+
+    def transformer_blocks(self) -> list[nn.ModuleList]:
+        return []
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.steps_done.fill_(step)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = batch["image"]
+        recon, posterior = self.vae(x)
+        rec = reconstruction_loss(recon, x, self.recon_loss)
+        kl = posterior.kl().mean()
+        loss = rec + self.kl_weight * kl
+        out = {"rec_loss": rec.detach(), "kl": kl.detach()}
+        if self.discriminator is not None:
+            real, fake = self.discriminator(x), self.discriminator(recon.detach())
+            disc = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+            generator_adv = -functional_call(self.discriminator, frozen, (recon,)).mean()
+            on = (self.steps_done >= self.gan_start).float()
+            loss = loss + disc + on * self.gan_weight * generator_adv
+            out |= {"disc_loss": disc.detach(), "gen_adv": generator_adv.detach()}
+        return {"loss": loss, **out}
+
+    @torch.no_grad()
+    def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Top row: inputs; bottom row: reconstructions from the posterior mean."""
+        x = batch["image"][: self.num_visuals]
+        recon = self.vae.decode(self.vae.encode(x).mean)
+        return {"reconstruction": image_grid(to_unit(torch.cat([x, recon]).float()), nrow=x.shape[0])}
+
+
+def build_vae_method(cfg: Config) -> KLAutoencoderTraining:
+    v = cfg.method.vae
+    if v.pretrained:
+        from pretrain.models.vae_loading import load_diffusers_vae
+
+        vae = load_diffusers_vae(v.pretrained)[0].train()
+    else:
+        vae = build_vae(
+            v.in_channels, v.latent_channels, v.downsample, v.base_channels, v.layers_per_block, v.norm_groups
+        )
+    return KLAutoencoderTraining(
+        vae, v.recon_loss, v.kl_weight, v.gan_weight, v.gan_start, v.disc_channels, v.disc_layers
+    )
