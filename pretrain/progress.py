@@ -38,8 +38,10 @@ class Progress:
 
     def line(self, step: int, loss: float, lr: float, rates: dict[str, float]) -> str:
         width = len(str(self.total))
+        flops = f"{rates['tflops_per_device']:.3g} TFLOP/s | " if "tflops_per_device" in rates else ""
+        flops += f"MFU {100 * rates['mfu']:.1f}% | " if "mfu" in rates else ""
         return (
             f"step {step:>{width}}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{rates['samples_per_sec']:.1f} samples/s | {rates['step_time']:.3f} s/step | "
+            f"{rates['samples_per_sec']:.1f} samples/s | {rates['step_time']:.3f} s/step | {flops}"
             f"eta {format_duration(rates['eta_sec'])}"
         )

@@ -1,0 +1,93 @@
+"""`pretrain bench` runs every recipe through the real train loop (tiny sizes on CPU) and writes its result,
+and real training logs TFLOP/s and MFU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain.cli import main
+
+from tiny import tiny_overrides
+
+CONFIGS = sorted(Path("configs").glob("*.toml"))
+# Every method's size knobs at once: each recipe reads its own and ignores the rest.
+TINY = [
+    "model.size=tiny",
+    "model.patch_size=8",
+    "data.image_size=32",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.local_crop_size=16",
+    "method.mae.decoder_dim=32",
+    "method.mae.decoder_depth=1",
+    "method.mae.decoder_heads=2",
+    "method.moco.mlp_dim=64",
+    "method.moco.proj_dim=32",
+    "method.dino.out_dim=64",
+    "method.dino.hidden_dim=64",
+    "method.dino.bottleneck_dim=32",
+    "method.dit.hidden_dim=64",
+    "method.dit.depth=2",
+    "method.dit.num_heads=2",
+    "method.dit.input_size=8",
+    "method.vae.base_channels=32",
+    "method.vae.norm_groups=8",
+    "method.vae.disc_channels=16",
+]
+
+
+def bench(tmp_path: Path, config: Path, *extra: str) -> dict:
+    args = ["bench", str(config), "--steps", "2", "--warmup", "1", "--out", str(tmp_path), *extra]
+    args += [f"--set={item}" for item in TINY]
+    assert main(args) == 0
+    (result,) = tmp_path.glob(f"bench_{config.stem}_cpu*.json")
+    return json.loads(result.read_text())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_bench_every_recipe_synthetic(tmp_path, config):
+    record = bench(tmp_path, config, "--synthetic-data")
+    assert record["data"] == "synthetic" and record["timed_steps"] == 2 and len(record["step_times_s"]) == 2
+    assert record["samples_per_sec"] > 0 and record["step_time_s"]["median"] > 0 and record["peak_memory_gb"] > 0
+    assert record["device"]["type"] == "cpu" and record["versions"]["torch"]
+    assert record["command"].startswith(f"pretrain bench {config}")
+    assert record["config"]["train"]["ckpt_every"] == 0 and record["config"]["tracking"]["enabled"] is False
+    assert record["mfu"] is None  # no bf16 peak on a CPU
+    if record["method"] == "vae":
+        assert record["flops_per_sample"] is None and record["tflops_per_device"] is None
+    else:
+        assert record["tflops_per_device"] > 0
+    assert not list(tmp_path.glob("**/checkpoints"))
+
+
+def test_bench_real_data_path_with_given_peak(tmp_path, digit_shards):
+    record = bench(
+        tmp_path,
+        Path("configs/mae_vit_tiny_digits.toml"),
+        "--peak-tflops=0.5",
+        f"--set=data.shards={digit_shards}",
+        "--set=data.image_size=16",
+        "--set=model.patch_size=4",
+    )
+    assert record["data"] == "shards" and record["peak_tflops"] == 0.5
+    assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
+    assert (tmp_path / "bench_mae_vit_tiny_digits_cpu.json").is_file()
+
+
+def test_training_logs_tflops_and_mfu(tmp_path, digit_shards, caplog):
+    from pretrain.config import load_config
+    from pretrain.train import Trainer
+
+    cfg = load_config(
+        None, tiny_overrides(tmp_path, digit_shards, "train.steps=2", "train.peak_tflops=0.5", "tracking.enabled=false")
+    )
+    with caplog.at_level("INFO", logger="pretrain.train"):
+        Trainer(cfg).fit()
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(
+        row["tflops_per_device"] > 0 and row["mfu"] == pytest.approx(row["tflops_per_device"] / 0.5) for row in rows
+    )
+    assert "TFLOP/s | MFU" in caplog.text
