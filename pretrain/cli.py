@@ -23,6 +23,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from launch.preemption import exit_code_after_stop
     from pretrain.distributed import destroy_distributed
     from pretrain.train import Trainer
 
@@ -31,8 +32,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = Trainer(load_config(args.config, overrides)).fit(until=args.until)
     finally:
         destroy_distributed()
-    print(f"finished at step {result.step}; checkpoint: {result.checkpoint}; mlflow run: {result.mlflow_run_id}")
-    return 0
+    stopped = f" (stopped by {result.stopped_by})" if result.stopped_by else ""
+    print(
+        f"finished at step {result.step}{stopped}; checkpoint: {result.checkpoint}; mlflow run: {result.mlflow_run_id}"
+    )
+    return exit_code_after_stop(result.stopped_by)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -49,6 +53,16 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    from pretrain.eval.run import evaluate_linear
+
+    report = evaluate_linear(
+        args.checkpoint, shards=args.shards, random_init=args.random_init, overrides=args.overrides
+    )
+    print(json.dumps(report) if args.json else report["summary"])
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pretrain.demo import run_demo
 
@@ -57,7 +71,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.cli import register as register_data
+    from launch.cli import register as register_launch
+    from pretrain.bench import register as register_bench
     from pretrain.ckpt_tools import register as register_ckpt
+    from pretrain.diffusion.latents import register as register_latents
+    from pretrain.eval.fid import register as register_fid
+    from pretrain.sample import register as register_sample
 
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,21 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     data = commands.add_parser("data", help="data preparation")
-    register_data(data.add_subparsers(dest="data_command", required=True))
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    register_data(data_commands)
+    register_latents(data_commands)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
-    knn = eval_commands.add_parser("knn", help="weighted kNN top-1 on frozen encoder features")
-    knn.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
-    knn.add_argument("--shards", default="", help="evaluation shards (default: eval.shards, else the training data)")
-    knn.add_argument(
-        "--random-init", action="store_true", help="evaluate a randomly initialized encoder of the same shape"
-    )
-    knn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    knn.add_argument("--json", action="store_true", help="print the full report as JSON")
-    knn.set_defaults(func=cmd_eval_knn)
+    for name, func, about in [
+        ("knn", cmd_eval_knn, "weighted kNN top-1 on frozen encoder features (k=eval.k, T=eval.temperature)"),
+        ("linear", cmd_eval_linear, "linear probe (BN without affine + linear) on frozen encoder features"),
+    ]:
+        sub = eval_commands.add_parser(name, help=about)
+        sub.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+        sub.add_argument(
+            "--shards", default="", help="evaluation shards (default: eval.shards, else the training data)"
+        )
+        sub.add_argument(
+            "--random-init", action="store_true", help="evaluate a randomly initialized encoder of the same shape"
+        )
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        sub.add_argument("--json", action="store_true", help="print the full report as JSON")
+        sub.set_defaults(func=func)
 
     register_ckpt(commands)
+    register_bench(commands)
+    register_launch(commands)
+    register_sample(commands)
+    register_fid(eval_commands)
 
     demo = commands.add_parser("demo", help="digits shards -> MAE ViT-tiny pretraining -> kNN vs random init")
     demo.add_argument("--out", default="runs/demo", help="directory for shards, run and MLflow store")

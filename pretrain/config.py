@@ -54,6 +54,7 @@ class DataConfig:
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: tuple[float, float] = (1.0, 0.1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_prob: tuple[float, float] = (0.0, 0.2)
     local_crops: int = 0  # DINO multi-crop: number of small local views besides the 2 global ones
     local_crop_size: int = 96
@@ -86,6 +87,7 @@ class MoCoConfig:
     temperature: float = 0.2
     momentum: float = 0.99  # base EMA momentum of the key encoder, raised to 1 on a cosine over training
     freeze_patch_embed: bool = True  # the paper's random, frozen patch projection (stabilizes ViT training)
+    infonce_impl: str = "auto"  # auto (fused/tiled kernel for the device) | reference (the plain formula)
 
 
 @dataclass
@@ -105,11 +107,57 @@ class DINOConfig:
 
 
 @dataclass
+class DiTConfig:
+    # The DiT network (the ViT `model.*` section does not apply to DiT).
+    size: str = "XL"  # S | B | L | XL, the DiT paper's sizes
+    hidden_dim: int = 0  # nonzero: override the size's width, depth or heads (small CPU models)
+    depth: int = 0
+    num_heads: int = 0
+    patch_size: int = 2  # 2, 4 or 8
+    input_size: int = 32  # side of the network's input: latent side (image side / VAE factor), or pixels
+    in_channels: int = 4  # latent channels, or image channels (1 or 3) in pixel space
+    num_classes: int = 1000
+    class_dropout: float = 0.1  # probability a label is replaced by the null class (for guidance)
+    space: str = "latent"  # latent: data.shards are latent shards (pretrain data latents) | pixel: images in [-1, 1]
+    latent_scale: float = 0.0  # latents are multiplied by this; 0: the scale_factor in the latent manifest
+    vae: str = ""  # decodes latent samples into pictures: a vae run/checkpoint or a diffusers AutoencoderKL dir
+    # Rectified flow: timesteps t = sigmoid(N(t_mean, t_std^2)), shifted toward noise by t_shift > 1.
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    ema_momentum: float = 0.9999
+    ema_warmup: bool = False  # m = min(ema_momentum, (1 + step) / (10 + step)): for short runs
+    # Sample grids logged every train.vis_every steps.
+    sample_steps: int = 50
+    sample_cfg_scale: float = 4.0
+    sampler: str = "euler"  # euler | heun
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 4
+    downsample: int = 8  # spatial factor, a power of 2: log2(downsample) + 1 resolution levels
+    base_channels: int = 128  # level i has base_channels * min(2^i, 4) channels (SD's 128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_groups: int = 32
+    recon_loss: str = "l1"  # l1 | l2
+    kl_weight: float = 1e-6
+    gan_weight: float = 0.0  # 0: no discriminator
+    gan_start: int = 0  # optimizer step from which the generator's adversarial term is on
+    disc_channels: int = 64
+    disc_layers: int = 3
+    pretrained: str = ""  # a diffusers AutoencoderKL directory (config.json + safetensors) to start from
+
+
+@dataclass
 class MethodConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
 
 
 @dataclass
@@ -118,9 +166,7 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: lr = base_lr * global_batch / 256; none: lr = base_lr
     min_lr: float = 0.0
     weight_decay: float = 0.05
-    weight_decay_end: float = (
-        -1.0
-    )  # >= 0: weight decay follows a cosine from weight_decay to this (DINO); < 0: constant
+    weight_decay_end: float = -1.0  # >= 0: a cosine from weight_decay to this (DINO); < 0: constant
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     warmup_steps: int = 0
@@ -140,6 +186,11 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop: checkpoint the last good state and exit | skip: drop the step
     max_nonfinite_skips: int = 10  # consecutive skipped steps before stopping anyway
     vis_every: int = 0  # log method pictures (e.g. MAE reconstructions) every N steps; 0 = never
+    knn_every: int = 0  # kNN top-1 of the encoder on eval.shards every N steps, as the metric knn_top1; 0 = never
+    watchdog_timeout: float = (
+        1800.0  # seconds without a finished step before every rank dumps stacks and exits; 0 = off
+    )
+    peak_tflops: float = 0.0  # device bf16 peak for MFU; 0: from the GPU's name (pretrain/flops.py), none on CPU
 
 
 @dataclass
@@ -174,6 +225,31 @@ class EvalConfig:
     k: int = 20
     temperature: float = 0.07
     pool: str = "mean"  # mean | cls
+    linear_lr: float = 0.1  # linear probe: base SGD lr; the probe tries 0.1x..10x of it on a held-out split
+    linear_sweep: bool = True
+    linear_epochs: int = 100
+    linear_batch_size: int = 256
+    linear_val_fraction: float = 0.1
+
+
+@dataclass
+class LaunchConfig:
+    """Defaults for `pretrain launch slurm` (its flags override them), so a recipe carries its cluster shape."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU processes, nproc_per_node of them
+    nproc_per_node: int = 1  # processes per node when gpus_per_node is 0
+    cpus_per_task: int = 0  # 0: SLURM's default
+    partition: str = ""
+    time: str = ""  # SLURM time limit, e.g. 24:00:00 or 2-00:00:00; empty: the partition's default
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    launcher: str = "torchrun"  # torchrun: one torchrun per node (elastic restarts) | srun: one task per process
+    max_restarts: int = 0  # torchrun: restarts of all workers within one allocation after a failure
+    signal_lead: int = 120  # seconds before the time limit SLURM sends USR1 (checkpoint, then requeue); 0 = none
+    requeue: bool = True  # requeue the job after a USR1 stop
+    env: dict[str, str] = field(default_factory=dict)  # exported in the job, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA
 
 
 @dataclass
@@ -187,6 +263,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -219,6 +296,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table of {_type_name(value_type)} values, got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -252,7 +334,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"{key}: expected a section (table), got {value!r}")
             kwargs[name] = _build(tp, value, f"{key}.")
         else:
-            if isinstance(value, dict):
+            if isinstance(value, dict) and typing.get_origin(tp) is not dict:
                 raise ConfigError(f"{key}: expected {_type_name(tp)}, got a section")
             kwargs[name] = _coerce(value, tp, key)
     return cls(**kwargs)
@@ -322,14 +404,33 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _validate_launch(cfg: Config) -> None:
+    import re
+
+    launch = cfg.launch
+    _choice("launch.launcher", launch.launcher, ("torchrun", "srun"))
+    _positive("launch.nodes", launch.nodes)
+    _positive("launch.nproc_per_node", launch.nproc_per_node)
+    for key in ("gpus_per_node", "cpus_per_task", "max_restarts", "signal_lead"):
+        _positive(f"launch.{key}", getattr(launch, key), allow_zero=True)
+    _positive("train.watchdog_timeout", cfg.train.watchdog_timeout, allow_zero=True)
+    if launch.time and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", launch.time):
+        raise ConfigError(f"launch.time: '{launch.time}' is not a SLURM time limit (HH:MM:SS or D-HH:MM:SS)")
+    for name in launch.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"launch.env.{name}: not a valid environment variable name")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible combinations; each message names the key to change."""
-    from kernels.attention import available_backends
+    from kernels.attention import available_backends, unavailable_reason
     from pretrain.methods.registry import METHODS
     from pretrain.models.vit import VIT_SIZES
 
     _choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
     _choice("model.size", cfg.model.size, VIT_SIZES)
+    if why := unavailable_reason(cfg.model.attn_backend):  # a known backend whose package is missing
+        raise ConfigError(f"model.attn_backend: {why}")
     _choice("model.attn_backend", cfg.model.attn_backend, available_backends())
     _choice("method.name", cfg.method.name, METHODS)
     _choice("optim.lr_scaling", cfg.optim.lr_scaling, ("linear", "none"))
@@ -343,6 +444,11 @@ def validate(cfg: Config) -> None:
         if getattr(cfg.engine, key) and cfg.engine.kind != "fsdp":
             raise ConfigError(f"engine.{key}: only the fsdp engine supports it (engine.kind is '{cfg.engine.kind}')")
     _choice("eval.pool", cfg.eval.pool, ("mean", "cls"))
+    _validate_launch(cfg)
+    if not 0 < cfg.eval.linear_val_fraction < 1:
+        raise ConfigError(f"eval.linear_val_fraction: must be in (0, 1), got {cfg.eval.linear_val_fraction}")
+    _choice("method.moco.infonce_impl", cfg.method.moco.infonce_impl, ("auto", "reference", "tiled", "triton"))
+    _choice("data.color_augment_on", cfg.data.color_augment_on, ("workers", "device"))
 
     for key, value in [
         ("data.image_size", cfg.data.image_size),
@@ -357,6 +463,9 @@ def validate(cfg: Config) -> None:
         ("eval.batch_size", cfg.eval.batch_size),
         ("eval.k", cfg.eval.k),
         ("eval.temperature", cfg.eval.temperature),
+        ("eval.linear_lr", cfg.eval.linear_lr),
+        ("eval.linear_epochs", cfg.eval.linear_epochs),
+        ("eval.linear_batch_size", cfg.eval.linear_batch_size),
         ("tracking.flush_interval", cfg.tracking.flush_interval),
     ]:
         _positive(key, value)
@@ -369,6 +478,8 @@ def validate(cfg: Config) -> None:
         ("optim.grad_clip", cfg.optim.grad_clip),
         ("train.ckpt_every", cfg.train.ckpt_every),
         ("train.vis_every", cfg.train.vis_every),
+        ("train.knn_every", cfg.train.knn_every),
+        ("train.peak_tflops", cfg.train.peak_tflops),
         ("eval.image_size", cfg.eval.image_size),
         ("tracking.close_timeout", cfg.tracking.close_timeout),
     ]:
@@ -385,6 +496,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop_scale: need 0 < min <= max <= 1, got {cfg.data.crop_scale}")
     if not 0 <= cfg.data.hflip <= 1:
         raise ConfigError(f"data.hflip: a probability in [0, 1], got {cfg.data.hflip}")
+    for key in ("color_jitter_prob", "grayscale_prob", "local_blur_prob", "blur_prob", "solarize_prob"):
+        value = getattr(cfg.data, key)
+        if not all(0 <= p <= 1 for p in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"data.{key}: probabilities must be in [0, 1], got {value}")
+    if min(cfg.data.color_jitter) < 0 or cfg.data.color_jitter[3] > 0.5:
+        raise ConfigError(f"data.color_jitter: strengths must be >= 0 and hue <= 0.5, got {cfg.data.color_jitter}")
+    if not 0 < cfg.data.blur_sigma[0] <= cfg.data.blur_sigma[1]:
+        raise ConfigError(f"data.blur_sigma: need 0 < min <= max, got {cfg.data.blur_sigma}")
+    if cfg.data.local_crops < 0:
+        raise ConfigError(f"data.local_crops: must be >= 0, got {cfg.data.local_crops}")
+    lo, hi = cfg.data.local_crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.local_crop_scale: need 0 < min <= max <= 1, got {cfg.data.local_crop_scale}")
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError(f"data.std: must be positive, got {cfg.data.std}")
     if cfg.data.prefetch_factor < 1:
@@ -408,3 +532,88 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"method.mae.decoder_dim: {mae.decoder_dim} is not divisible by method.mae.decoder_heads {mae.decoder_heads}"
             )
+    if cfg.method.name == "moco":
+        _validate_moco(cfg)
+    if cfg.method.name == "dino":
+        _validate_dino(cfg)
+    if cfg.method.name == "dit":
+        _validate_dit(cfg.method.dit)
+    if cfg.method.name == "vae":
+        _validate_vae(cfg.method.vae)
+        if cfg.data.image_size % cfg.method.vae.downsample:
+            raise ConfigError(
+                f"data.image_size: {cfg.data.image_size} is not a multiple of method.vae.downsample "
+                f"{cfg.method.vae.downsample}"
+            )
+
+
+def _validate_dit(dit: DiTConfig) -> None:
+    from pretrain.models.dit import DIT_SIZES
+
+    _choice("method.dit.size", dit.size, DIT_SIZES)
+    _choice("method.dit.space", dit.space, ("latent", "pixel"))
+    _choice("method.dit.sampler", dit.sampler, ("euler", "heun"))
+    for key in ("patch_size", "input_size", "in_channels", "num_classes", "t_std", "t_shift", "sample_steps"):
+        _positive(f"method.dit.{key}", getattr(dit, key))
+    for key in ("hidden_dim", "depth", "num_heads", "latent_scale", "sample_cfg_scale"):
+        _positive(f"method.dit.{key}", getattr(dit, key), allow_zero=True)
+    if dit.input_size % dit.patch_size:
+        raise ConfigError(
+            f"method.dit.input_size: {dit.input_size} is not a multiple of method.dit.patch_size {dit.patch_size}"
+        )
+    hidden, heads = dit.hidden_dim or DIT_SIZES[dit.size][0], dit.num_heads or DIT_SIZES[dit.size][2]
+    if hidden % heads or hidden % 4:
+        raise ConfigError(f"method.dit.hidden_dim: {hidden} must be divisible by 4 and by num_heads {heads}")
+    if not 0 <= dit.class_dropout < 1:
+        raise ConfigError(f"method.dit.class_dropout: must be in [0, 1), got {dit.class_dropout}")
+    if not 0 <= dit.ema_momentum <= 1:
+        raise ConfigError(f"method.dit.ema_momentum: must be in [0, 1], got {dit.ema_momentum}")
+    if dit.space == "pixel" and dit.in_channels not in (1, 3):
+        raise ConfigError(f"method.dit.in_channels: pixel space takes 1 or 3 channels, got {dit.in_channels}")
+
+
+def _validate_vae(vae: VAEConfig) -> None:
+    _choice("method.vae.recon_loss", vae.recon_loss, ("l1", "l2"))
+    for key in ("in_channels", "latent_channels", "downsample", "base_channels", "layers_per_block", "norm_groups"):
+        _positive(f"method.vae.{key}", getattr(vae, key))
+    for key in ("kl_weight", "gan_weight", "gan_start"):
+        _positive(f"method.vae.{key}", getattr(vae, key), allow_zero=True)
+    if vae.downsample & (vae.downsample - 1):
+        raise ConfigError(f"method.vae.downsample: must be a power of 2, got {vae.downsample}")
+    if vae.base_channels % vae.norm_groups:
+        raise ConfigError(
+            f"method.vae.base_channels: {vae.base_channels} is not divisible by method.vae.norm_groups {vae.norm_groups}"
+        )
+    if vae.gan_weight > 0 and (vae.disc_channels < 1 or vae.disc_layers < 1):
+        raise ConfigError("method.vae.disc_channels: the discriminator needs disc_channels >= 1 and disc_layers >= 1")
+
+
+def _unit_interval(key: str, value: float, closed_right: bool = True) -> None:
+    if not (0 <= value <= 1 if closed_right else 0 <= value < 1):
+        raise ConfigError(f"{key}: must be in [0, {'1]' if closed_right else '1)'}, got {value}")
+
+
+def _validate_moco(cfg: Config) -> None:
+    moco = cfg.method.moco
+    for key in ("proj_dim", "mlp_dim", "temperature"):
+        _positive(f"method.moco.{key}", getattr(moco, key))
+    _unit_interval("method.moco.momentum", moco.momentum)
+    if cfg.data.local_crops:
+        raise ConfigError(
+            f"data.local_crops: MoCo v3 uses exactly two views, got {cfg.data.local_crops} local crops; set 0"
+        )
+
+
+def _validate_dino(cfg: Config) -> None:
+    dino = cfg.method.dino
+    for key in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "student_temp", "teacher_temp"):
+        _positive(f"method.dino.{key}", getattr(dino, key))
+    _positive("method.dino.warmup_teacher_temp", dino.warmup_teacher_temp)
+    for key in ("warmup_teacher_temp_steps", "freeze_last_layer_steps"):
+        _positive(f"method.dino.{key}", getattr(dino, key), allow_zero=True)
+    _unit_interval("method.dino.momentum", dino.momentum)
+    _unit_interval("method.dino.center_momentum", dino.center_momentum, closed_right=False)
+    if cfg.data.local_crops and cfg.data.local_crop_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.local_crop_size: {cfg.data.local_crop_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
+        )

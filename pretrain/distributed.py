@@ -52,3 +52,29 @@ def gather_floats(values: list[float]) -> list[list[float]]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, without gradient (MoCo's keys)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks that backpropagates to every rank's input (cross-rank batch statistics)."""
+    if not dist.is_initialized():
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -22,15 +22,18 @@ import torch
 
 from data_pipeline.loader import merge_states
 from launch.env import host_tags, world_from_env
+from launch.preemption import StopRequest
+from launch.watchdog import Watchdog
 from pretrain.checkpoint import CheckpointManager, load_rank_state, read_meta, resolve_resume
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader
 from pretrain.distributed import all_reduce_mean, gather_floats
 from pretrain.engines import build_engine
+from pretrain.flops import device_peak_flops
 from pretrain.logs import setup_logging
 from pretrain.memory import peak_memory_gb
-from pretrain.methods.registry import build_method
-from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.methods.registry import build_device_transform, build_method, flops_per_sample
+from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr
 from pretrain.progress import Progress
 from pretrain.rng import rng_state, seed_everything, seed_step, set_rng_state
 from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
@@ -49,6 +52,8 @@ class TrainResult:
     checkpoint: Path | None = None
     mlflow_run_id: str | None = None
     skipped_steps: int = 0
+    stopped_by: str | None = None  # the signal that stopped the run before its last step (preemption)
+    step_ends: list[float] = field(default_factory=list)  # perf_counter() after each optimizer step (benchmarks)
 
 
 def _git_commit() -> str | None:
@@ -68,18 +73,22 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     """Holds the pieces of a run; `fit()` is the loop."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, loader: Any = None):
+        """`loader`: batches to train on instead of data.shards' (e.g. the benchmark's synthetic batch)."""
         self.cfg = cfg
         self.world = world_from_env()
         self.run_dir = cfg.run_dir
         self.engine = build_engine(cfg, self.world)
         # Data first: a missing or empty shard spec fails before a model or run directory exists.
-        self.loader = build_train_loader(cfg, self.world)
+        self.loader = loader if loader is not None else build_train_loader(cfg, self.world)
+        self.device_transform = build_device_transform(cfg)
         setup_logging(self.run_dir, self.world.rank)
 
         seed_everything(cfg.run.seed)
         self.samples_per_step = cfg.data.batch_size * cfg.optim.accum_steps * self.world.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.samples_per_step)
+        self.flops = flops_per_sample(cfg)  # analytic {"forward", "train"} per sample, None if not counted
+        self.peak_flops = device_peak_flops(self.engine.device, cfg.train.peak_tflops)
         with self.engine.init_context():
             self.method = build_method(cfg)  # hooks and pictures; `model` is what the engine wrapped for training
         no_decay = self.method.no_weight_decay()
@@ -87,6 +96,8 @@ class Trainer:
             self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay)
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, self.peak_lr)
+        self.weight_decay = WeightDecaySchedule(self.optimizer, cfg.optim, cfg.train.steps)
+        self.ema_pairs = self.method.ema_pairs()
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", cfg.train.keep_last, self.world.rank, self.world.world_size
         )
@@ -150,7 +161,7 @@ class Trainer:
         if fatal:
             details = ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in fatal)
             raise ConfigError(f"cannot resume from {path}: the network changed ({details}); use train.resume=none")
-        if changed := [k for k in changed if k.split(".")[0] not in ("run", "tracking", "train")]:
+        if changed := [k for k in changed if k.split(".")[0] not in ("run", "tracking", "train", "launch")]:
             log.warning(
                 "resuming with changed settings: %s",
                 ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed),
@@ -180,9 +191,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, until: int | None = None) -> TrainResult:
+    def fit(self, until: int | None = None, save_final: bool = True) -> TrainResult:
         """Train to `train.steps`, or stop early after step `until` (the schedule still spans
-        train.steps), e.g. for jobs that get a fixed slice of a cluster's time."""
+        train.steps), e.g. for jobs that get a fixed slice of a cluster's time. `save_final=False`
+        skips the checkpoint at the end (benchmarks)."""
         cfg, engine = self.cfg, self.engine
         total, accum = cfg.train.steps, cfg.optim.accum_steps
         stop = total if until is None else min(until, total)
@@ -193,6 +205,9 @@ class Trainer:
         batches = iter(self.loader)
         last_saved = self.step if self.resumed_from is not None else -1
         status = "FAILED"
+        stop_request = StopRequest().install()  # after the loader's workers start: they keep the default
+        log_file = self.run_dir / "logs" / f"rank_{self.world.rank:05d}.log"
+        watchdog = Watchdog(cfg.train.watchdog_timeout, log_file, self.world.rank).start()
         try:
             while self.step < stop:
                 before = (rng_state(), self.loader.state_dict()) if cfg.train.on_nonfinite == "stop" else None
@@ -205,6 +220,8 @@ class Trainer:
                     # Method randomness (e.g. MAE masks) is keyed by the micro-batch's place in the global
                     # batch, so N ranks draw what one process with N-fold accumulation would draw.
                     seed_step(cfg.run.seed, self.step, micro * self.world.world_size + self.world.rank)
+                    if self.device_transform is not None:
+                        batch = self.device_transform(batch)
                     with engine.accumulate(self.model, micro == accum - 1), engine.autocast():
                         out = self.model(batch)
                         engine.backward(out["loss"] / accum)
@@ -214,8 +231,15 @@ class Trainer:
                             extras[name] = extras.get(name, 0) + value.detach().float()
                 grad_norm = engine.clip_grad_norm(self.model, cfg.optim.grad_clip)
                 # One host sync per step: the finiteness decision must be the same on every rank.
-                stats = torch.stack([loss_sum / accum, grad_norm.float(), *(v / accum for v in extras.values())])
-                loss_value, grad_value, *extra_values = all_reduce_mean(stats).tolist()
+                # The last entry votes on a stop request (mean > 0: some rank was signalled), so every rank
+                # stops after the same step. Riding on this reduction, it costs no extra collective.
+                stop_vote = loss_sum.new_tensor(float(stop_request.requested))
+                stats = torch.stack(
+                    [loss_sum / accum, grad_norm.float(), *(v / accum for v in extras.values()), stop_vote]
+                )
+                *reduced, stop_votes = all_reduce_mean(stats).tolist()
+                loss_value, grad_value, *extra_values = reduced
+                watchdog.beat()
 
                 if not math.isfinite(loss_value) or not math.isfinite(grad_value):
                     engine.zero_grad(self.optimizer)
@@ -231,12 +255,16 @@ class Trainer:
                     )
                     continue
                 consecutive_skips = 0
+                self.weight_decay.apply(self.step)
                 engine.optimizer_step(self.optimizer)
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 self.step += 1
+                if self.ema_pairs:
+                    engine.ema_update(self.ema_pairs, self.method.ema_momentum(self.step, total))
                 self.method.on_step_end(self.step, total)
                 result.losses.append(loss_value)
+                result.step_ends.append(time.perf_counter())
 
                 window.setdefault("loss", []).append(loss_value)
                 window.setdefault("grad_norm", []).append(grad_value)
@@ -249,17 +277,25 @@ class Trainer:
                     result.checkpoint = self.checkpoints.poll() or result.checkpoint
                 if cfg.train.vis_every and self.step % cfg.train.vis_every == 0:
                     self._log_visuals(batch)
+                if cfg.train.knn_every and self.step % cfg.train.knn_every == 0:
+                    self._log_knn()
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                     result.checkpoint = self.save_checkpoint(background=cfg.train.async_checkpoint) or result.checkpoint
                     last_saved = self.step
-            if last_saved != self.step:
+                if stop_votes > 0:
+                    result.stopped_by = stop_request.name or "a stop signal on another rank"
+                    log.warning("step %d: stopping on %s, writing a checkpoint", self.step, result.stopped_by)
+                    break
+            if save_final and last_saved != self.step:
                 result.checkpoint = self.save_checkpoint()
             result.checkpoint = self.checkpoints.wait() or result.checkpoint
-            status = "FINISHED"
+            status = "KILLED" if result.stopped_by else "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
+            watchdog.stop()
+            stop_request.restore()
             self.tracker.close(timeout=cfg.tracking.close_timeout, status=status)
         result.step = self.step
         result.mlflow_run_id = self.tracker.run_id
@@ -268,6 +304,7 @@ class Trainer:
     def _report(self, progress: Progress, window: dict[str, list[float]], lr: float) -> None:
         """Log the window's means; per-rank figures expose stragglers and the most loaded rank."""
         rates = progress.report(self.step)
+        rates.update(self._flop_rates(rates["samples_per_sec"]))
         means = {name: sum(values) / len(values) for name, values in window.items()}
         per_rank = gather_floats(
             [means.pop("rank_step_time"), peak_memory_gb(self.engine.device), self.loader.skipped_total]
@@ -277,6 +314,7 @@ class Trainer:
             **means,
             "lr": lr,
             "samples_per_sec": rates["samples_per_sec"],
+            **{name: rates[name] for name in ("tflops_per_device", "mfu") if name in rates},
             "step_time": rates["step_time"],
             "step_time_slowest_rank": max(step_times),
             "step_time_spread": (max(step_times) - min(step_times)) / max(1e-9, sum(step_times) / len(step_times)),
@@ -291,13 +329,49 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
             log.info(progress.line(self.step, means["loss"], lr, rates))
 
+    def _flop_rates(self, samples_per_sec: float) -> dict[str, float]:
+        """Achieved model TFLOP/s per device (analytic training FLOPs, not counting recomputation) and
+        MFU against the device's bf16 peak, when the method has a count and the peak is known."""
+        if self.flops is None:
+            return {}
+        achieved = self.flops["train"] * samples_per_sec / self.world.world_size
+        rates = {"tflops_per_device": achieved / 1e12}
+        if self.peak_flops:
+            rates["mfu"] = achieved / self.peak_flops
+        return rates
+
     def _log_visuals(self, batch: dict[str, Any]) -> None:
         # Every rank runs the forward (a sharded model needs all of them); the tracker is rank 0's.
         self.method.eval()
-        with torch.no_grad(), self.engine.autocast():
+        with torch.no_grad(), self.engine.autocast(), self.engine.full_parameters(self.model, self.method):
             pictures = self.method.visuals(batch)
         for name, image in pictures.items():
             self.tracker.log_image(image, name, self.step)
+
+    def _log_knn(self) -> None:
+        """kNN top-1 of the current encoder on eval.shards (every rank extracts: sharded encoders need all)."""
+        from pretrain.data import build_eval_loader
+        from pretrain.eval.knn import knn_top1
+        from pretrain.eval.run import extract_features
+
+        cfg, started = self.cfg, time.perf_counter()
+        shards = cfg.eval.shards or cfg.data.shards
+        encoder = self.method.encoder()
+        self.method.eval()
+        with self.engine.autocast(), self.engine.full_parameters(self.model, encoder):
+            train_x, train_y = extract_features(
+                encoder, build_eval_loader(cfg, shards, "train"), cfg.eval.pool, self.engine.device
+            )
+            test_x, test_y = extract_features(
+                encoder, build_eval_loader(cfg, shards, "test"), cfg.eval.pool, self.engine.device
+            )
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+        top1 = knn_top1(train_x, train_y, test_x, test_y, num_classes, cfg.eval.k, cfg.eval.temperature)
+        self.tracker.log_metrics({"knn_top1": top1}, step=self.step)
+        if self.world.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "knn_top1": top1}) + "\n")
+        log.info("step %d: kNN top-1 %.2f%% (%.1fs)", self.step, 100 * top1, time.perf_counter() - started)
 
     def _stop_nonfinite(self, loss: float, grad: float, before: tuple | None, result: TrainResult) -> None:
         """Checkpoint the state before the offending step (weights were not updated) and stop."""

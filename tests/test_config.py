@@ -82,3 +82,23 @@ def test_bad_file(tmp_path):
     typo.write_text("[train]\nstep = 10\n")
     with pytest.raises(ConfigError, match="unknown key 'train.step'"):
         load_config(typo)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["method.name=moco", "data.local_crops=4"], "data.local_crops: MoCo v3 uses exactly two views"),
+        (["method.name=moco", "method.moco.temperature=0"], "method.moco.temperature: must be > 0"),
+        (["method.name=moco", "method.moco.infonce_impl=fast"], "method.moco.infonce_impl: 'fast' is not one of"),
+        (["method.name=dino", "method.dino.center_momentum=1.0"], "method.dino.center_momentum: must be in [0, 1)"),
+        (["method.name=dino", "method.dino.momentum=1.5"], "method.dino.momentum: must be in [0, 1]"),
+        (["method.name=dino", "data.local_crops=2", "data.local_crop_size=90"], "data.local_crop_size: 90 is not"),
+        (["data.grayscale_prob=1.2"], "data.grayscale_prob: probabilities must be in [0, 1]"),
+        (["data.blur_prob=[1.0, 2.0]"], "data.blur_prob: probabilities must be in [0, 1]"),
+        (["data.color_augment_on=gpu"], "data.color_augment_on: 'gpu' is not one of workers, device"),
+        (["eval.linear_val_fraction=1.0"], "eval.linear_val_fraction: must be in (0, 1)"),
+    ],
+)
+def test_bad_ssl_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)

@@ -149,8 +149,27 @@ def test_patchify_round_trip_and_layout() -> None:
 def test_wrong_image_size_and_unknown_size_fail_clearly() -> None:
     with pytest.raises(ValueError, match=r"unknown ViT size 'gigantic'; available: tiny, small, base, large, huge"):
         build_vit("gigantic")
-    with pytest.raises(ValueError, match="expected 32x32 images"):
-        _tiny_vit()(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="image size 36x36 is not divisible by the patch size 8"):
+        _tiny_vit()(torch.randn(1, 3, 36, 36))
+
+
+def test_other_input_sizes_use_resampled_positions() -> None:
+    """A local crop at half the size sees the same span of positions, resampled; the training size is exact."""
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4)
+    assert vit.position_embedding(32, 32) is vit.pos_embed
+    table = vit.pos_embed.reshape(4, 4, 32)
+    small = vit.position_embedding(16, 16).reshape(2, 2, 32)
+    # Bicubic downsampling by 2 puts each output between input positions; corners stay near the corners.
+    assert (small[0, 0] - table[:2, :2].reshape(4, 32).mean(0)).abs().max() < 0.2
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+    images = torch.randn(2, 3, 32, 32)
+    attn = vit.last_attention(images)
+    assert attn.shape == (2, 4, 4, 4)
+    # Rows of the full attention sum to 1: patches get all of the cls token's attention but its share on itself.
+    x = torch.cat([vit.cls_token.expand(2, -1, -1), vit.patch_embed(images) + vit.pos_embed], dim=1)
+    block = vit.blocks[-1]
+    full = block.attn.attention_weights(block.norm1(x))
+    torch.testing.assert_close(attn.sum(dim=(2, 3)), 1 - full[:, :, 0, 0], atol=1e-5, rtol=0)
 
 
 def test_init_weights_restores_meta_built_model() -> None:

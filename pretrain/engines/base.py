@@ -78,6 +78,33 @@ class Engine(ABC):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def full_parameters(self, model: nn.Module, module: nn.Module) -> contextlib.AbstractContextManager:
+        """Around calls into a part of the method outside the training forward (evaluation, pictures):
+        every parameter of `module` is whole on every rank. Every rank must enter it together."""
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def ema_update(self, pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+        """p_avg = m * p_avg + (1 - m) * p_online for every parameter of each (averaged, online) pair.
+
+        Works on each rank's local piece of a parameter, so it needs no communication on any engine:
+        twins of the same shape are sharded identically.
+        """
+        averaged, online = [], []
+        for avg_module, online_module in pairs:
+            avg_params, online_params = dict(avg_module.named_parameters()), dict(online_module.named_parameters())
+            if avg_params.keys() != online_params.keys():
+                raise ValueError(f"EMA pair {type(avg_module).__name__}: parameter names differ")
+            for name, param in avg_params.items():
+                averaged += self.local_tensors(param)
+                online += self.local_tensors(online_params[name])
+        if averaged:
+            torch._foreach_lerp_(averaged, online, 1.0 - momentum)
+
+    def local_tensors(self, param: nn.Parameter) -> list[torch.Tensor]:
+        """The copies of `param` this rank stores (the whole tensor unless an engine shards it)."""
+        return [param.data]
+
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the gradients of a step that is skipped."""
         optimizer.zero_grad(set_to_none=True)

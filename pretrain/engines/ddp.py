@@ -20,7 +20,8 @@ class DDPEngine(DCPEngine):
         prepare_blocks(method, self.cfg.engine.activation_checkpointing, self.cfg.engine.compile)
         method.to(self.device)
         model = DistributedDataParallel(method, device_ids=[self.device] if self.device.type == "cuda" else None)
-        return model, make_optimizer(model)
+        # The optimizer groups parameters by the method's own names (no "module." prefix), like every engine.
+        return model, make_optimizer(method)
 
     def accumulate(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last_micro_step else model.no_sync()

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from launch.env import WorldInfo
@@ -60,6 +60,22 @@ class FSDPEngine(DCPEngine):
     def accumulate(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         model.set_requires_gradient_sync(last_micro_step)
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def full_parameters(self, model: nn.Module, module: nn.Module):
+        # Gathering happens in forward hooks of the root and of each block; evaluation and pictures call
+        # into the middle of those (cls token, a block's norm), so gather them explicitly.
+        groups = [model, *(m for m in module.modules() if isinstance(m, FSDPModule) and m is not model)]
+        for group in groups:
+            group.unshard()
+        try:
+            yield
+        finally:
+            for group in groups:
+                group.reshard()
+
+    def local_tensors(self, param: nn.Parameter) -> list[torch.Tensor]:
+        return [param.data.to_local() if isinstance(param.data, DTensor) else param.data]
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = super().clip_grad_norm(model, max_norm)

@@ -308,6 +308,19 @@ class DeepSpeedEngine(Engine):
         if self.ds.was_step_applied():
             raise RuntimeError("DeepSpeed applied a step that should have been skipped")
 
+    def full_parameters(self, model: nn.Module, module: nn.Module) -> contextlib.AbstractContextManager:
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        deepspeed = import_deepspeed(self.device)
+        return deepspeed.zero.GatheredParameters(list(module.parameters()))
+
+    def local_tensors(self, param: nn.Parameter) -> list[torch.Tensor]:
+        # ZeRO-3 keeps each rank's flat partition in `ds_tensor`; `param.data` is empty between forwards,
+        # except for small "persistent" parameters, which stay gathered and are read from `param.data`.
+        if not hasattr(param, "ds_tensor"):
+            return [param.data]
+        return [param.ds_tensor, param.data] if getattr(param, "ds_persist", False) else [param.ds_tensor]
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_tensors(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

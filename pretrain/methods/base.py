@@ -18,7 +18,17 @@ class Method(nn.Module, ABC):
         """{"loss": scalar to backpropagate, other names: detached scalars to log}."""
 
     def on_step_end(self, step: int, total_steps: int) -> None:
-        """After each optimizer step: where EMA/momentum teachers, centers and schedules update."""
+        """After each optimizer step (and the EMA update): schedules and other per-step state."""
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(averaged, online) module pairs: after each optimizer step the engine moves every averaged
+        parameter toward its online twin, p_avg = m * p_avg + (1 - m) * p_online (momentum teachers, EMA
+        weights). The engine does it because only it knows how parameters are sharded."""
+        return []
+
+    def ema_momentum(self, step: int, total_steps: int) -> float:
+        """m for the update after optimizer step `step` (1-based); used only when `ema_pairs` is non-empty."""
+        raise NotImplementedError(f"{type(self).__name__} has ema_pairs but no ema_momentum")
 
     def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Name -> uint8 [H, W, 3] picture for the tracker; methods with nothing to show return {}."""

@@ -31,6 +31,13 @@ class Attention(nn.Module):
         out = attention(q, k, v, backend=self.attn_backend)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) [B, H, N, N], for pictures (the kernels never materialize it)."""
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.float().unbind(0)
+        return (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
+
 
 class Mlp(nn.Module):
     """Two-layer feed-forward network."""

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.pos_embed import sincos_pos_embed_2d
@@ -60,14 +61,14 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
-        self.img_size = img_size
+        self.img_size, self.patch_size = img_size, patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(
-                f"expected {self.img_size}x{self.img_size} images, got {images.shape[-2]}x{images.shape[-1]}"
-            )
+        """Any size divisible by the patch (DINO's local crops are smaller than the global ones)."""
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not divisible by the patch size {self.patch_size}")
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
@@ -129,13 +130,39 @@ class VisionTransformer(nn.Module):
         `keep_indices` [B, K] selects which patches enter the encoder (MAE's visible set); positions are
         added before the selection so every kept token carries its original location.
         """
-        tokens = self.patch_embed(images) + self.pos_embed
+        tokens = self.patch_embed(images) + self.position_embedding(*images.shape[-2:])
         if keep_indices is not None:
             tokens = tokens.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def position_embedding(self, height: int, width: int) -> Tensor:
+        """[1, L, D] positions for a height x width input: the table itself at the training size, else the
+        table resampled bicubically, so a smaller crop sees the same span of positions as the full image."""
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        if (grid_h, grid_w) == (self.grid_size, self.grid_size):
+            return self.pos_embed
+        table = self.pos_embed.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+
+    @torch.no_grad()
+    def last_attention(self, images: Tensor) -> Tensor:
+        """The last block's attention from the cls token to every patch, [B, heads, grid_h, grid_w]."""
+        x = torch.cat(
+            [
+                self.cls_token.expand(images.shape[0], -1, -1),
+                self.patch_embed(images) + self.position_embedding(*images.shape[-2:]),
+            ],
+            dim=1,
+        )
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        weights = last.attn.attention_weights(last.norm1(x))[:, :, 0, 1:]
+        return weights.reshape(*weights.shape[:2], images.shape[-2] // self.patch_size, -1)
 
     def forward_features(self, images: Tensor, pool: str | None = None) -> Tensor:
         """Pooled features [B, D] for evaluation: the cls token, or the mean of the patch tokens."""

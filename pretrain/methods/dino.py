@@ -1,0 +1,146 @@
+"""DINO (Caron et al. 2021): a student ViT matches the centered, sharpened output distribution of its own
+momentum teacher across views of different sizes (multi-crop)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.dino_loss import dino_loss, teacher_probabilities
+from pretrain.distributed import all_reduce_mean
+from pretrain.methods.base import Method
+from pretrain.models.heads import DINOHead
+from pretrain.models.vit import VisionTransformer
+from pretrain.optim import cosine_ramp
+from pretrain.visualize import denormalize, image_grid
+
+
+class DINO(Method):
+    num_global_views = 2
+    num_visuals = 4
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_layers: int = 3,
+        norm_last_layer: bool = True,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_steps: int = 0,
+        center_momentum: float = 0.9,
+        momentum: float = 0.996,
+        freeze_last_layer_steps: int = 0,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        self.student_temp, self.teacher_temp = student_temp, teacher_temp
+        self.warmup_teacher_temp, self.warmup_teacher_temp_steps = warmup_teacher_temp, warmup_teacher_temp_steps
+        self.center_momentum, self.base_momentum = center_momentum, momentum
+        self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.image_mean, self.image_std = mean, std
+        self.backbone = backbone
+        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer)
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = copy.deepcopy(self.head)
+        for param in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
+            param.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(out_dim))
+        # Optimizer steps taken, as a tensor in the checkpoint: schedules read it without a host sync.
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.backbone.init_weights()
+        self.head.init_weights()
+        self.teacher_backbone.init_weights()
+        for target, source in self.ema_pairs():
+            for t, s in zip(target.parameters(), source.parameters()):
+                t.copy_(s)
+        self.center.zero_()
+        self.steps_done.zero_()
+
+    def encoder(self) -> VisionTransformer:
+        return self.teacher_backbone  # the teacher is the better encoder and the one DINO evaluates
+
+    def transformer_blocks(self) -> list[nn.ModuleList]:
+        return [self.backbone.blocks, self.teacher_backbone.blocks]
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        return names | ({"head.last_layer.weight_g"} if self.head.last_layer.weight_g is not None else set())
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
+
+    def ema_momentum(self, step: int, total_steps: int) -> float:
+        return cosine_ramp(step, total_steps, self.base_momentum, 1.0)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.steps_done += 1
+
+    def teacher_temperature(self) -> Tensor:
+        """Linear warm-up from warmup_teacher_temp to teacher_temp, then constant."""
+        if self.warmup_teacher_temp_steps <= 0:
+            return torch.tensor(self.teacher_temp, device=self.steps_done.device)
+        progress = (self.steps_done.float() / self.warmup_teacher_temp_steps).clamp(max=1.0)
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * progress
+
+    def student_outputs(self, views: list[Tensor]) -> Tensor:
+        """[V, B, K]: views of one size share a backbone pass; all share one head pass."""
+        batch = views[0].shape[0]
+        features = []
+        start = 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape == views[start].shape:
+                end += 1
+            features.append(self.backbone.forward_features(torch.cat(views[start:end]), pool="cls"))
+            start = end
+        frozen = self.steps_done < self.freeze_last_layer_steps
+        logits = self.head(torch.cat(features), freeze_last_layer=frozen)
+        return logits.view(len(views), batch, -1)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        views = batch["image"]
+        if not isinstance(views, (list, tuple)) or len(views) < self.num_global_views:
+            raise ValueError("DINO needs batch['image'] as a list of >= 2 views (the dino train transform)")
+        student = self.student_outputs(list(views))
+        with torch.no_grad():
+            globals_ = torch.cat(list(views[: self.num_global_views]))
+            teacher = self.teacher_head(self.teacher_backbone.forward_features(globals_, pool="cls"))
+            teacher = teacher.view(self.num_global_views, -1, teacher.shape[-1])
+        temperature = self.teacher_temperature()
+        loss = dino_loss(student, teacher, self.center, self.student_temp, temperature)
+        with torch.no_grad():
+            probs = teacher_probabilities(teacher, self.center, temperature)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            self.update_center(teacher)
+        return {"loss": loss, "teacher_entropy": entropy, "teacher_temp": temperature.detach().float()}
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """EMA of the teacher's mean output over the global batch."""
+        batch_center = all_reduce_mean(teacher_logits.float().mean(dim=(0, 1)))
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    @torch.no_grad()
+    def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The teacher's last-layer cls attention per head, under each input image (row 1)."""
+        images = batch["image"][0][: self.num_visuals]
+        maps = self.teacher_backbone.last_attention(images)  # [N, heads, h, w]
+        maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest")
+        low = maps.amin(dim=(2, 3), keepdim=True)
+        high = maps.amax(dim=(2, 3), keepdim=True)
+        maps = (maps - low) / (high - low).clamp_min(1e-12)
+        rows = [denormalize(images.float(), self.image_mean, self.image_std)]
+        rows += [maps[:, head : head + 1].expand(-1, 3, -1, -1) for head in range(maps.shape[1])]
+        return {"attention": image_grid(torch.cat(rows), nrow=images.shape[0])}

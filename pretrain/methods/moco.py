@@ -1,0 +1,94 @@
+"""MoCo v3 (Chen, Xie, He 2021): a query encoder with projector and predictor learns to match a momentum
+encoder's projection of another view of the same image, against the other images of the global batch."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from kernels.infonce import info_nce
+from pretrain.distributed import all_gather_cat, rank
+from pretrain.methods.base import Method
+from pretrain.models.heads import init_moco_mlp, moco_mlp
+from pretrain.models.vit import VisionTransformer
+from pretrain.optim import cosine_ramp
+
+
+def moco_contrastive_loss(query: Tensor, key: Tensor, temperature: float, impl: str = "auto") -> Tensor:
+    """InfoNCE of this rank's queries against the keys of every rank, scaled by 2 * tau as in the paper.
+
+    The positive of query i is this rank's key i, at position rank * N + i of the gathered keys.
+    """
+    keys = all_gather_cat(key.detach())
+    offset = rank() * query.shape[0]
+    positives = torch.arange(query.shape[0], device=query.device) + offset
+    return info_nce(query, keys, temperature, positives=positives, normalize=True, impl=impl) * (2 * temperature)
+
+
+class MoCoV3(Method):
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        proj_dim: int = 256,
+        mlp_dim: int = 4096,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        freeze_patch_embed: bool = True,
+        infonce_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature, self.base_momentum, self.infonce_impl = temperature, momentum, infonce_impl
+        self.freeze_patch_embed = freeze_patch_embed
+        self.backbone = backbone
+        self.projector = moco_mlp(3, backbone.embed_dim, mlp_dim, proj_dim, last_bn=True)
+        self.predictor = moco_mlp(2, proj_dim, mlp_dim, proj_dim, last_bn=False)
+        self.momentum_backbone = copy.deepcopy(backbone)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for param in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
+            param.requires_grad_(False)
+        if freeze_patch_embed:
+            # A random, fixed patch projection: the paper's fix for the training instability of ViT.
+            self.backbone.patch_embed.requires_grad_(False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.backbone.init_weights()
+        init_moco_mlp(self.projector)
+        init_moco_mlp(self.predictor)
+        self.momentum_backbone.init_weights()  # refills its position buffer (needed after meta init)
+        for target, source in self.ema_pairs():
+            for t, s in zip(target.parameters(), source.parameters()):
+                t.copy_(s)
+
+    def encoder(self) -> VisionTransformer:
+        return self.backbone
+
+    def transformer_blocks(self) -> list[nn.ModuleList]:
+        return [self.backbone.blocks, self.momentum_backbone.blocks]
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
+
+    def ema_momentum(self, step: int, total_steps: int) -> float:
+        """Cosine from the base momentum to 1 over training."""
+        return cosine_ramp(step, total_steps, self.base_momentum, 1.0)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        views = batch["image"]
+        if not isinstance(views, (list, tuple)) or len(views) != 2:
+            raise ValueError("MoCo v3 needs batch['image'] as a list of 2 views (the moco train transform)")
+        # One backbone pass over both views; heads per view, so batch-norm statistics stay per view as in the paper.
+        both = torch.cat(list(views))
+        q1, q2 = (self.predictor(self.projector(f)) for f in self.backbone.forward_features(both, "cls").chunk(2))
+        with torch.no_grad():
+            k1, k2 = (self.momentum_projector(f) for f in self.momentum_backbone.forward_features(both, "cls").chunk(2))
+        loss = moco_contrastive_loss(q1, k2, self.temperature, self.infonce_impl) + moco_contrastive_loss(
+            q2, k1, self.temperature, self.infonce_impl
+        )
+        return {"loss": loss}
