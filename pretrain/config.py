@@ -104,6 +104,7 @@ class DINOConfig:
     center_momentum: float = 0.9
     momentum: float = 0.996  # base teacher EMA momentum, raised to 1 on a cosine over training
     freeze_last_layer_steps: int = 0  # the last head layer gets no updates for this many steps (DINO: 1 epoch)
+    pool: str = "cls"  # the head's input: cls token (the paper) | mean of the patch tokens
 
 
 @dataclass
@@ -612,6 +613,7 @@ def _validate_dino(cfg: Config) -> None:
     for key in ("warmup_teacher_temp_steps", "freeze_last_layer_steps"):
         _positive(f"method.dino.{key}", getattr(dino, key), allow_zero=True)
     _unit_interval("method.dino.momentum", dino.momentum)
+    _choice("method.dino.pool", dino.pool, ("cls", "mean"))
     _unit_interval("method.dino.center_momentum", dino.center_momentum, closed_right=False)
     if cfg.data.local_crops and cfg.data.local_crop_size % cfg.model.patch_size:
         raise ConfigError(

@@ -37,6 +37,7 @@ class DINO(Method):
         center_momentum: float = 0.9,
         momentum: float = 0.996,
         freeze_last_layer_steps: int = 0,
+        pool: str = "cls",
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
     ) -> None:
@@ -45,6 +46,7 @@ class DINO(Method):
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.center_momentum, self.base_momentum = center_momentum, momentum
         self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.pool = pool  # what the head sees: the cls token (the paper) or the mean patch token
         self.image_mean, self.image_std = mean, std
         self.backbone = backbone
         self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer)
@@ -103,7 +105,7 @@ class DINO(Method):
             end = start
             while end < len(views) and views[end].shape == views[start].shape:
                 end += 1
-            features.append(self.backbone.forward_features(torch.cat(views[start:end]), pool="cls"))
+            features.append(self.backbone.forward_features(torch.cat(views[start:end]), pool=self.pool))
             start = end
         frozen = self.steps_done < self.freeze_last_layer_steps
         logits = self.head(torch.cat(features), freeze_last_layer=frozen)
@@ -116,7 +118,7 @@ class DINO(Method):
         student = self.student_outputs(list(views))
         with torch.no_grad():
             globals_ = torch.cat(list(views[: self.num_global_views]))
-            teacher = self.teacher_head(self.teacher_backbone.forward_features(globals_, pool="cls"))
+            teacher = self.teacher_head(self.teacher_backbone.forward_features(globals_, pool=self.pool))
             teacher = teacher.view(self.num_global_views, -1, teacher.shape[-1])
         temperature = self.teacher_temperature()
         loss = dino_loss(student, teacher, self.center, self.student_temp, temperature)

@@ -115,6 +115,7 @@ def build_dino(cfg: Config) -> Method:
         center_momentum=dino.center_momentum,
         momentum=dino.momentum,
         freeze_last_layer_steps=dino.freeze_last_layer_steps,
+        pool=dino.pool,
         mean=cfg.data.mean,
         std=cfg.data.std,
     )
