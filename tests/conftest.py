@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton reads TRITON_INTERPRET once, when it is first imported, and DeepSpeed imports it early: set it
+# before anything else so the kernel tests run through the interpreter on this CPU-only suite.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import time
 from collections.abc import Iterator
 from pathlib import Path

@@ -1,8 +1,8 @@
 """InfoNCE: the tiled PyTorch path and the Triton kernels (interpreted on the CPU) agree with the formula.
 
-Triton decides whether to interpret when it is imported, so TRITON_INTERPRET=1 is set here, before
-anything in the process imports triton (collecting the other test modules does not; the kernels are
-imported lazily). If triton was already imported for the GPU, this module refuses to run rather than
+Triton decides whether to interpret when it is imported, so tests/conftest.py sets TRITON_INTERPRET=1
+before anything in the process imports triton (DeepSpeed imports it early); this module sets it too,
+for runs without the conftest. If triton was already imported for the GPU, this module refuses to run rather than
 testing the wrong thing.
 """
 
