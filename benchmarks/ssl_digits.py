@@ -5,7 +5,8 @@ encoder is scored by weighted kNN and a linear probe against a random-init encod
     python benchmarks/ssl_digits.py --methods dino --steps 50
 
 Each method runs its digits demo config (configs/*_digits.toml) unchanged apart from paths; the table and
-a JSON record (device, versions, seconds per method) go to benchmarks/results/ssl_digits_cpu.json.
+a JSON record (device, versions, seconds per method) go to benchmarks/results/ssl_digits_cpu.json. Rows of
+methods not run keep their earlier results, each with the command that produced it.
 """
 
 from __future__ import annotations
@@ -93,19 +94,23 @@ def main() -> int:
     workdir = Path(args.workdir).resolve()
     image_size = load_config(CONFIGS["mae"]).data.image_size
     shards = ensure_digit_shards(workdir / "digits-shards", image_size)
-    results = {name: run_method(name, workdir, shards, args.steps) for name in methods}
+    command = " ".join([sys.executable, *sys.argv])
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results = {name: {**run_method(name, workdir, shards, args.steps), "command": command} for name in methods}
 
     device = device_info()
+    out = Path(args.out) / f"ssl_digits_{device['type']}.json"
+    if out.is_file():  # rows of methods not run this time are kept, each with the command that made it
+        results = {**json.loads(out.read_text()).get("results", {}), **results}
     record = {
         "benchmark": "ssl_digits",
         "device": device,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable, *sys.argv]),
+        "date": date,
+        "command": command,
         "data": "scikit-learn load_digits: 1,437 train / 360 test images, upsampled to 32 px",
         "results": results,
     }
-    out = Path(args.out) / f"ssl_digits_{device['type']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(results))
