@@ -60,7 +60,9 @@ class DataConfig:
     local_crop_size: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     local_blur_prob: float = 0.5
-    color_augment_on: str = "device"  # device: batched after transfer (measured faster) | workers: per sample in the data workers
+    color_augment_on: str = (
+        "device"  # device: batched after transfer (measured faster) | workers: per sample in the data workers
+    )
 
 
 @dataclass
