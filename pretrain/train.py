@@ -350,22 +350,16 @@ class Trainer:
 
     def _log_knn(self) -> None:
         """kNN top-1 of the current encoder on eval.shards (every rank extracts: sharded encoders need all)."""
-        from pretrain.data import build_eval_loader
         from pretrain.eval.knn import knn_top1
-        from pretrain.eval.run import extract_features
+        from pretrain.eval.run import count_classes, split_features
 
         cfg, started = self.cfg, time.perf_counter()
         shards = cfg.eval.shards or cfg.data.shards
         encoder = self.method.encoder()
         self.method.eval()
         with self.engine.autocast(), self.engine.full_parameters(self.model, encoder):
-            train_x, train_y = extract_features(
-                encoder, build_eval_loader(cfg, shards, "train"), cfg.eval.pool, self.engine.device
-            )
-            test_x, test_y = extract_features(
-                encoder, build_eval_loader(cfg, shards, "test"), cfg.eval.pool, self.engine.device
-            )
-        num_classes = int(max(train_y.max(), test_y.max())) + 1
+            train_x, train_y, test_x, test_y = split_features(cfg, encoder, shards, self.engine.device)
+        num_classes = count_classes(shards, train_y, test_y)
         top1 = knn_top1(train_x, train_y, test_x, test_y, num_classes, cfg.eval.k, cfg.eval.temperature)
         self.tracker.log_metrics({"knn_top1": top1}, step=self.step)
         if self.world.is_main:

@@ -64,7 +64,16 @@ def extract_features(
     return torch.cat(features), torch.cat(labels)
 
 
-def _num_classes(shards: str, train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
+def split_features(
+    cfg: Config, encoder: torch.nn.Module, shards: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train features, train labels, test features, test labels) of `encoder` on the shards' two splits."""
+    train_x, train_y = extract_features(encoder, build_eval_loader(cfg, shards, "train"), cfg.eval.pool, device)
+    test_x, test_y = extract_features(encoder, build_eval_loader(cfg, shards, "test"), cfg.eval.pool, device)
+    return train_x, train_y, test_x, test_y
+
+
+def count_classes(shards: str, train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
     try:
         return len(Manifest.load(shards).classes)
     except (FileNotFoundError, ValueError, NotADirectoryError):
@@ -88,18 +97,15 @@ def frozen_features(
     shards: str = "",
     random_init: bool = False,
     overrides: list[str] | None = None,
-    train_split: str = "train",
-    test_split: str = "test",
 ) -> FrozenFeatures:
     """Encoder features of both splits (center crops, no augmentation), for kNN and linear probes."""
     cfg, method, path = load_method(checkpoint, random_init, overrides)
     shards = shards or cfg.eval.shards or cfg.data.shards
     device = resolve_device(cfg.run.device, WorldInfo())
     encoder = method.encoder().to(device)
-    train_x, train_y = extract_features(encoder, build_eval_loader(cfg, shards, train_split), cfg.eval.pool, device)
-    test_x, test_y = extract_features(encoder, build_eval_loader(cfg, shards, test_split), cfg.eval.pool, device)
+    train_x, train_y, test_x, test_y = split_features(cfg, encoder, shards, device)
     weights = "random init" if random_init else f"step {read_meta(path)['step']}"
-    num_classes = _num_classes(shards, train_y, test_y)
+    num_classes = count_classes(shards, train_y, test_y)
     return FrozenFeatures(cfg, path, weights, train_x, train_y, test_x, test_y, num_classes)
 
 

@@ -2,6 +2,7 @@
 
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor, nn
 
 
@@ -25,6 +26,13 @@ class Method(nn.Module, ABC):
         parameter toward its online twin, p_avg = m * p_avg + (1 - m) * p_online (momentum teachers, EMA
         weights). The engine does it because only it knows how parameters are sharded."""
         return []
+
+    @torch.no_grad()
+    def copy_online_to_averaged(self) -> None:
+        """Start every averaged network of `ema_pairs` equal to its online twin (at init, after meta init)."""
+        for averaged, online in self.ema_pairs():
+            for avg, src in zip(averaged.parameters(), online.parameters()):
+                avg.copy_(src)
 
     def ema_momentum(self, step: int, total_steps: int) -> float:
         """m for the update after optimizer step `step` (1-based); used only when `ema_pairs` is non-empty."""

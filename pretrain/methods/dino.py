@@ -64,9 +64,7 @@ class DINO(Method):
         self.backbone.init_weights()
         self.head.init_weights()
         self.teacher_backbone.init_weights()
-        for target, source in self.ema_pairs():
-            for t, s in zip(target.parameters(), source.parameters()):
-                t.copy_(s)
+        self.copy_online_to_averaged()
         self.center.zero_()
         self.steps_done.zero_()
 

@@ -60,8 +60,7 @@ class RectifiedFlowDiT(Method):
         self.model.init_weights()
         self.ema.init_weights()
         self.latent_scale.fill_(self.initial_latent_scale)
-        for avg, online in zip(self.ema.parameters(), self.model.parameters()):
-            avg.copy_(online)
+        self.copy_online_to_averaged()
 
     def encoder(self) -> DiT:
         """The EMA network: the weights to sample from and to export."""

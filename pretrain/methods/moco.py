@@ -59,9 +59,7 @@ class MoCoV3(Method):
         init_moco_mlp(self.projector)
         init_moco_mlp(self.predictor)
         self.momentum_backbone.init_weights()  # refills its position buffer (needed after meta init)
-        for target, source in self.ema_pairs():
-            for t, s in zip(target.parameters(), source.parameters()):
-                t.copy_(s)
+        self.copy_online_to_averaged()
 
     def encoder(self) -> VisionTransformer:
         return self.backbone
