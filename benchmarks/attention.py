@@ -26,7 +26,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -158,7 +158,7 @@ def main() -> int:
             "triton": __import__("triton").__version__ if importlib.util.find_spec("triton") else None,
             "xformers": __import__("xformers").__version__ if importlib.util.find_spec("xformers") else None,
         },
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "parameters": {
             "batch": batch,

@@ -17,7 +17,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from data_pipeline.loader import ResumableLoader
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.sources import synthetic_classes, synthetic_samples
 from data_pipeline.views import DeviceColor, MultiView, joint_embedding_views
-from pretrain.config import load_config
+from pretrain.recipes import load_config
 
 from machine import device_info
 
@@ -95,7 +95,7 @@ def main() -> int:
         "benchmark": "augment_placement",
         "device": info,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "parameters": vars(args),
         "results": {mode: {"samples_per_sec": rates[mode], "pass_seconds": timings[mode]} for mode in timings},

@@ -21,7 +21,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import PIL
@@ -163,7 +163,7 @@ def main() -> int:
             "webdataset": webdataset.__version__,
             "pillow": PIL.__version__,
         },
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "parameters": {k: v for k, v in vars(args).items() if k not in ("workdir", "out")},
         "results": results,

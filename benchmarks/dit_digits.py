@@ -24,7 +24,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -33,10 +33,10 @@ from PIL import Image
 from data_pipeline.manifest import Manifest
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.sources import DIGITS_CLASSES, digits_samples
-from pretrain.config import load_config
+from pretrain.ckpt.load import load_method
 from pretrain.eval.digit_classifier import classify, load_images, train_classifier
 from pretrain.eval.frechet import frechet_distance
-from pretrain.eval.run import load_method
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 from pretrain.visualize import image_grid
 
@@ -145,7 +145,7 @@ def main() -> int:
         "device": device,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "torch_threads": torch.get_num_threads(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "parameters": {**{k: v for k, v in vars(args).items() if k not in ("workdir", "out")}, "config": cfg.to_dict()},
         "seconds": {

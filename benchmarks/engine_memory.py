@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ def rss_now_gb() -> float:
 def worker_overrides(args: argparse.Namespace) -> list[str]:
     return [
         f"engine.kind={args.engine}",
-        "engine.zero_stage=3",  # only read by the deepspeed engine
+        *(["engine.deepspeed.zero_stage=3"] if args.engine == "deepspeed" else []),
         f"run.device={args.device}",
         f"train.precision={args.precision}",
         f"model.size={args.size}",
@@ -84,14 +84,14 @@ def worker(args: argparse.Namespace) -> None:
     # (and DeepSpeed's import-time work) is not counted as the engine's memory.
     import pretrain.methods.mae  # noqa: F401
     import pretrain.models.vit  # noqa: F401
-    from launch.env import world_from_env
-    from pretrain.config import load_config
     from pretrain.distributed import barrier, destroy_distributed
     from pretrain.engines import build_engine
     from pretrain.engines.base import resolve_device
     from pretrain.memory import peak_memory_gb
     from pretrain.methods.registry import build_method
     from pretrain.optim import build_optimizer
+    from pretrain.recipes import load_config
+    from pretrain.runtime.world import world_from_env
 
     cfg = load_config(None, worker_overrides(args))
     world = world_from_env()
@@ -105,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
     engine = build_engine(cfg, world)  # creates the process group for N > 1
     device = engine.device
     if cfg.engine.kind == "deepspeed":
-        from pretrain.engines.zero import import_deepspeed
+        from pretrain.engines.deepspeed import import_deepspeed
 
         import_deepspeed(device)
     torch.manual_seed(1234 + world.rank)
@@ -206,9 +206,9 @@ def worker_env(args: argparse.Namespace, device_type: str) -> dict[str, str]:
 
 def deepspeed_available(env: dict[str, str]) -> tuple[str | None, str | None]:
     """(deepspeed version, None) if the engine can be tried, else (version or None, why not)."""
-    if not (REPO / "pretrain" / "engines" / "zero.py").is_file():
-        return None, "pretrain/engines/zero.py does not exist"
-    probe = "import deepspeed, pretrain.engines.zero; print(deepspeed.__version__)"
+    if not (REPO / "pretrain" / "engines" / "deepspeed.py").is_file():
+        return None, "pretrain/engines/deepspeed.py does not exist"
+    probe = "import deepspeed, pretrain.engines.deepspeed; print(deepspeed.__version__)"
     try:
         out = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
@@ -379,7 +379,7 @@ def main() -> int:
             "torch": torch.__version__,
             "deepspeed": ds_version,
         },
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "parameters": {
             **{k: v for k, v in vars(args).items() if k not in ("out", "worker", "engine", "result_dir")},
@@ -397,7 +397,7 @@ def main() -> int:
             "rank, FSDP and ZeRO-3 16/N. Not included: activations; DDP's gradient buckets (another 4 bytes/"
             "param, gradient_as_bucket_view is off); FSDP's all-gathered parameters of the block(s) being "
             "computed and their unsharded gradients before reduce-scatter; the full model each rank builds "
-            "before sharding (FSDP without engine.meta_init, ZeRO-3 without zero.Init); ZeRO-3's fp32 master "
+            "before sharding (FSDP without engine.fsdp.meta_init, ZeRO-3 without zero.Init); ZeRO-3's fp32 master "
             "partition, a separate copy of the parameter partition even in fp32 (20/N bytes/param in all), and "
             "its gradient reduce bucket: DeepSpeed's reduce_bucket_size (default 5e8 elements, see "
             "deepspeed_config) holds up to that many unsharded gradient elements before each reduce-scatter, so "

@@ -23,7 +23,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -127,7 +127,7 @@ def main() -> int:
             "torch": torch.__version__,
             "triton": __import__("triton").__version__ if importlib.util.find_spec("triton") else None,
         },
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "parameters": {"sizes": sizes, "dims": dims, "impls": impls, "dtype": dtype, "repeats": args.repeats},
         "results": cases,

@@ -16,15 +16,15 @@ import json
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from pretrain.config import load_config
 from pretrain.demo import ensure_digit_shards
 from pretrain.eval.run import evaluate_knn, evaluate_linear
 from pretrain.logs import setup_logging
+from pretrain.recipes import load_config
 from pretrain.train import train
 
 from machine import device_info
@@ -95,7 +95,7 @@ def main() -> int:
     image_size = load_config(CONFIGS["mae"]).data.image_size
     shards = ensure_digit_shards(workdir / "digits-shards", image_size)
     command = " ".join([sys.executable, *sys.argv])
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     results = {name: {**run_method(name, workdir, shards, args.steps), "command": command} for name in methods}
 
     device = device_info()

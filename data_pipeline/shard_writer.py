@@ -7,7 +7,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,7 +24,7 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-class _SplitWriter:
+class SplitWriter:
     """The open shard of one split; each finished shard appears under its final name in one rename."""
 
     def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
@@ -103,9 +103,9 @@ def write_shards(
     _check_image_format(image_format)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out, overwrite)
+    clear_previous_shards(out, overwrite)
 
-    writers: dict[str, _SplitWriter] = {}
+    writers: dict[str, SplitWriter] = {}
     seen: set[str] = set()
     max_label = -1
     try:
@@ -117,7 +117,7 @@ def write_shards(
             meta = {"key": sample.key, "label": sample.label, "class": class_name, "split": sample.split}
             meta["source"] = sample.origin or source
             if sample.split not in writers:
-                writers[sample.split] = _SplitWriter(out, sample.split, shard_size)
+                writers[sample.split] = SplitWriter(out, sample.split, shard_size)
             writers[sample.split].write(
                 {"__key__": sample.key, ext: data, "cls": str(sample.label).encode(), "json": json.dumps(meta).encode()}
             )
@@ -136,7 +136,7 @@ def write_shards(
         classes=list(classes) if classes is not None else [str(i) for i in range(max_label + 1)],
         image_size=image_size,
         splits={split: writer.shards for split, writer in sorted(writers.items())},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     manifest.save()
     return manifest
@@ -160,7 +160,7 @@ def _check_sample(sample: Sample, seen: set[str], classes: Sequence[str] | None)
         raise ValueError(f"sample {sample.key!r}: label {sample.label} is outside {bound}")
 
 
-def _clear_previous(out: Path, overwrite: bool) -> None:
+def clear_previous_shards(out: Path, overwrite: bool) -> None:
     previous = [p for p in out.iterdir() if p.name == MANIFEST_NAME or SHARD_NAME.fullmatch(p.name)]
     if previous and not overwrite:
         raise FileExistsError(f"{out} already holds shards or a manifest ({previous[0].name}); pass overwrite=True")

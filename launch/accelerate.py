@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from launch.local import train_args
-from pretrain.config import Config, load_config
+from pretrain.config import Config
+from pretrain.recipes import load_config
 
 
 def _free_port() -> int:
@@ -48,7 +49,7 @@ def accelerate_config(cfg: Config, nproc: int, port: int) -> dict[str, Any]:
     if cfg.engine.kind == "deepspeed":
         config["distributed_type"] = "DEEPSPEED"
         config["deepspeed_config"] = {
-            "zero_stage": cfg.engine.zero_stage,
+            "zero_stage": cfg.engine.deepspeed.zero_stage,
             "deepspeed_multinode_launcher": "standard",
             "offload_optimizer_device": "none",
             "offload_param_device": "none",

@@ -53,7 +53,7 @@ def cmd_accelerate(args: argparse.Namespace) -> int:
 
 def cmd_slurm(args: argparse.Namespace) -> int:
     from launch.slurm import render_script, submit, write_script
-    from pretrain.config import load_config
+    from pretrain.recipes import load_config
 
     overrides = slurm_overrides(args)
     cfg = load_config(args.config, overrides)

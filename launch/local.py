@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.config import load_config
+from pretrain.recipes import load_config
 
 
 def train_args(config_path: str | Path, overrides: list[str]) -> list[str]:

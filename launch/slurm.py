@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from launch.preemption import PREEMPTED_EXIT_CODE
 from pretrain.config import Config
+from pretrain.runtime.preemption import PREEMPTED_EXIT_CODE
 
 SCRIPT_NAME = "job.sbatch"
 RECORD_NAME = "job.json"

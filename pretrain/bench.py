@@ -26,7 +26,7 @@ import platform
 import shlex
 import statistics
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.config import Config, load_config
+from pretrain.config import Config
 from pretrain.flops import PEAK_BF16_FLOPS
 from pretrain.memory import peak_memory_gb
+from pretrain.recipes import load_config
 
 log = logging.getLogger("pretrain.bench")
 
@@ -160,7 +161,7 @@ def step_time_stats(times: list[float]) -> dict[str, float]:
 
 def _adjustments(cfg: Config, synthetic: bool) -> list[str]:
     """Overrides that let a recipe run here without changing its per-device compute."""
-    from launch.env import world_from_env
+    from pretrain.runtime.world import world_from_env
 
     extra = []
     if synthetic and cfg.method.name == "dit" and cfg.method.dit.latent_scale <= 0:
@@ -168,7 +169,7 @@ def _adjustments(cfg: Config, synthetic: bool) -> list[str]:
     if cfg.engine.kind != "single" and not world_from_env().distributed:
         # DDP/FSDP/DeepSpeed need a process group: outside torchrun, measure the same step on the single engine.
         log.warning("engine.kind=%s needs torchrun; benchmarking engine.kind=single instead", cfg.engine.kind)
-        extra += ["engine.kind=single", "engine.meta_init=false", "engine.cpu_offload=false"]
+        extra += ["engine.kind=single", "engine.fsdp.meta_init=false", "engine.fsdp.cpu_offload=false"]
     return extra
 
 
@@ -206,7 +207,7 @@ def run_benchmark(
         "data": "synthetic" if synthetic else "shards",
         "device": describe_device(device),
         "versions": _versions(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "overrides": overrides,
         "adjusted_overrides": adjusted,  # set by the benchmark so the recipe runs here (see _adjustments)

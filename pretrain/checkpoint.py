@@ -85,6 +85,19 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / META_FILE).read_text())
 
 
+def publish(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    """Make the fully written directory `tmp` the checkpoint `final`: meta.json goes in last, then one
+    rename. A reader sees the old checkpoint or the new one, never a partial one. An existing `final`
+    (a step re-saved after a resume) is replaced."""
+    _write_atomic(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    if final.exists():
+        stale = final.with_name(f".stale-{final.name}")
+        os.replace(final, stale)
+        shutil.rmtree(stale)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 class CheckpointManager:
     """Saves, finds and prunes the checkpoints of one run."""
 
@@ -178,13 +191,7 @@ class CheckpointManager:
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **meta,
             }
-            _write_atomic(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True))
-            if final.exists():  # re-saving a step after a resume: the new one replaces it
-                stale = self.root / f".stale-{final.name}"
-                os.replace(final, stale)
-                shutil.rmtree(stale)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            publish(tmp, final, full_meta)
             _write_atomic(self.root / LATEST_FILE, final.name + "\n")
             self._prune()
             log.info("checkpoint step %d written to %s in %.2fs", step, final, time.perf_counter() - start)
@@ -237,6 +244,31 @@ def resolve_resume(spec: str, manager: CheckpointManager) -> Path | None:
     if not is_complete(path):
         raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (missing .metadata or {META_FILE})")
     return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The complete checkpoint at `path`, or the latest one under a run or checkpoints directory.
+
+    Raises FileNotFoundError naming `path` (and what is missing) when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is a file, not a checkpoint directory")
+    if is_complete(path):
+        return path
+    for root in (path / "checkpoints", path):
+        found = CheckpointManager(root).latest()
+        if found is not None:
+            return found
+    if (path / ".metadata").is_file() or (path / META_FILE).is_file():
+        missing = [name for name in (META_FILE, ".metadata", _rank_file(0)) if not (path / name).is_file()]
+        detail = f"missing {', '.join(missing)}" if missing else "meta.json unreadable or a rank file missing"
+        raise FileNotFoundError(f"{path} is an incomplete checkpoint ({detail})")
+    raise FileNotFoundError(
+        f"no complete checkpoint at or under {path} (expected meta.json and .metadata in a step_XXXXXXXX "
+        "directory, or a run/checkpoints directory holding one)"
+    )
 
 
 def dcp_save(tensors: dict[str, Any], path: Path) -> None:

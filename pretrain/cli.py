@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
 from pretrain.logs import setup_logging
+from pretrain.recipes import load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launch.preemption import exit_code_after_stop
     from pretrain.distributed import destroy_distributed
+    from pretrain.runtime.preemption import exit_code_after_stop
     from pretrain.train import Trainer
 
     overrides = list(args.overrides) + ([f"train.resume={json.dumps(args.resume)}"] if args.resume else [])
@@ -73,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.cli import register as register_data
     from launch.cli import register as register_launch
     from pretrain.bench import register as register_bench
-    from pretrain.ckpt_tools import register as register_ckpt
-    from pretrain.diffusion.latents import register as register_latents
+    from pretrain.ckpt.cli import register as register_ckpt
     from pretrain.eval.fid import register as register_fid
+    from pretrain.latent_shards import register as register_latents
     from pretrain.sample import register as register_sample
 
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__)

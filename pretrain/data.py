@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from data_pipeline.augment import eval_transform
 from data_pipeline.loader import ResumableLoader
-from launch.env import WorldInfo
 from pretrain.config import Config, ConfigError
 from pretrain.methods.registry import build_train_transform
+from pretrain.runtime.world import WorldInfo
 
 
 def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:

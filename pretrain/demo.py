@@ -10,8 +10,8 @@ from pathlib import Path
 from data_pipeline.manifest import MANIFEST_NAME
 from data_pipeline.shard_writer import write_shards
 from data_pipeline.sources import DIGITS_CLASSES, digits_samples
-from pretrain.config import load_config
 from pretrain.eval.run import evaluate_knn
+from pretrain.recipes import load_config
 from pretrain.train import train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mae_vit_tiny_digits.toml"

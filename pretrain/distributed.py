@@ -7,7 +7,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from launch.env import WorldInfo
+from pretrain.runtime.world import WorldInfo
 
 
 def init_distributed(world: WorldInfo, device: torch.device, timeout_minutes: float = 30.0) -> None:

@@ -1,4 +1,5 @@
-"""Analytic FLOPs per training sample for every method, and the bf16 peak of the device, for MFU.
+"""Analytic FLOP counting: the building blocks every method's count is made of, and the bf16 peak of the
+device, for MFU. Each method counts its own FLOPs per sample in its file (its spec's `flops`).
 
 Conventions: a multiply-add is 2 FLOPs, and only matrix products are counted (linears, the patch
 convolution, attention scores and their weighted sum). Normalizations, softmax, activations, losses and
@@ -18,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from pretrain.config import Config
 
 
 @dataclass
@@ -74,87 +73,9 @@ def vit_flops(
     return embed, body
 
 
-def _vit_dims(cfg: Config) -> tuple[int, int]:
-    from pretrain.models.vit import VIT_SIZES
-
-    dim, depth, _ = VIT_SIZES[cfg.model.size]
-    return dim, depth
-
-
-def _encoder(cfg: Config, image_size: int, frozen_embed: bool = False, kept: int | None = None) -> FlopCount:
-    dim, depth = _vit_dims(cfg)
-    embed, body = vit_flops(image_size, cfg.model.patch_size, cfg.model.in_chans, dim, depth, kept_patches=kept)
-    return FlopCount(body, embed) if frozen_embed else FlopCount(embed + body)
-
-
 def mlp_flops(dims: list[int]) -> float:
     """A stack of linears on one vector: dims[0] -> dims[1] -> ... -> dims[-1]."""
     return sum(linear_flops(1, a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-
-def mae_flops(cfg: Config) -> FlopCount:
-    """Encoder on the visible patches (+ cls), decoder embedding, decoder blocks on all patches + cls, prediction."""
-    mae, dim = cfg.method.mae, _vit_dims(cfg)[0]
-    patches = (cfg.data.image_size // cfg.model.patch_size) ** 2
-    kept = int(patches * (1 - mae.mask_ratio))
-    patch_dim = cfg.model.patch_size**2 * cfg.model.in_chans
-    decoder = (
-        linear_flops(kept + 1, dim, mae.decoder_dim)
-        + mae.decoder_depth * block_flops(patches + 1, mae.decoder_dim)
-        + linear_flops(patches, mae.decoder_dim, patch_dim)
-    )
-    return _encoder(cfg, cfg.data.image_size, kept=kept) + FlopCount(decoder)
-
-
-def moco_flops(cfg: Config) -> FlopCount:
-    """Two views through the query branch (backbone, 3-layer projector, 2-layer predictor) and, forward only,
-    the momentum branch (backbone, projector); plus the InfoNCE logits of both query views against this
-    process's data.batch_size keys (at world size W the keys are W x as many: under 0.1% of the total)."""
-    moco, dim = cfg.method.moco, _vit_dims(cfg)[0]
-    backbone = _encoder(cfg, cfg.data.image_size, frozen_embed=moco.freeze_patch_embed)
-    projector = mlp_flops([dim, moco.mlp_dim, moco.mlp_dim, moco.proj_dim])
-    predictor = mlp_flops([moco.proj_dim, moco.mlp_dim, moco.proj_dim])
-    logits = linear_flops(1, moco.proj_dim, cfg.data.batch_size)
-    query = backbone + FlopCount(projector + predictor + logits)
-    momentum = (_encoder(cfg, cfg.data.image_size) + FlopCount(projector)).as_frozen()
-    views = 2
-    return FlopCount(views * query.trained, views * (query.frozen + momentum.frozen))
-
-
-def dino_flops(cfg: Config) -> FlopCount:
-    """Student: backbone + head on the 2 global and data.local_crops local views; teacher (forward only):
-    backbone + head on the 2 global views; the loss's cross-entropy of every (teacher, student) view pair,
-    a product over the out_dim prototypes."""
-    dino, dim = cfg.method.dino, _vit_dims(cfg)[0]
-    head_dims = [dim] + [dino.hidden_dim] * (dino.head_layers - 1) + [dino.bottleneck_dim, dino.out_dim]
-    view = lambda size: _encoder(cfg, size) + FlopCount(mlp_flops(head_dims))  # noqa: E731
-    global_view, local_view = view(cfg.data.image_size), view(cfg.data.local_crop_size)
-    views = 2 + cfg.data.local_crops
-    cross_entropy = linear_flops(2, views, dino.out_dim)
-    student = FlopCount(2 * global_view.trained + cfg.data.local_crops * local_view.trained + cross_entropy)
-    teacher = FlopCount(0.0, 2 * global_view.trained)
-    return student + teacher
-
-
-def dit_flops(cfg: Config) -> FlopCount:
-    """Patch embedding, timestep MLP, per block adaLN (6 x dim^2 per sample) + attention + MLP, final adaLN
-    and linear: one forward of the online network (the rectified-flow step; the EMA copy is not run)."""
-    from pretrain.models.dit import DIT_SIZES
-
-    dit = cfg.method.dit
-    dim0, depth0, _ = DIT_SIZES[dit.size]
-    dim, depth = dit.hidden_dim or dim0, dit.depth or depth0
-    tokens = (dit.input_size // dit.patch_size) ** 2
-    patch_dim = dit.patch_size**2 * dit.in_channels
-    freq_dim = 256  # TimestepEmbedder's sinusoidal features
-    total = (
-        linear_flops(tokens, patch_dim, dim)
-        + mlp_flops([freq_dim, dim, dim])
-        + depth * (linear_flops(1, dim, 6 * dim) + block_flops(tokens, dim))
-        + linear_flops(1, dim, 2 * dim)
-        + linear_flops(tokens, dim, patch_dim)
-    )
-    return FlopCount(total)
 
 
 # ---------------------------------------------------------------------- device peaks

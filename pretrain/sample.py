@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from launch.env import WorldInfo
 from pretrain.diffusion.sampling import SAMPLERS
 from pretrain.engines.base import resolve_device
+from pretrain.runtime.world import WorldInfo
 from pretrain.visualize import image_grid
 
 
@@ -26,7 +26,7 @@ def sample_grid(
     use_ema: bool = True,
 ) -> torch.Tensor:
     """uint8 [H, W, 3] grid of `num` samples of class `label` (rows of ceil(sqrt(num)))."""
-    from pretrain.eval.run import load_method
+    from pretrain.ckpt.load import load_method
     from pretrain.methods.dit import RectifiedFlowDiT
 
     cfg, method, path = load_method(checkpoint)

@@ -14,6 +14,7 @@ import math
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,13 @@ from typing import Any
 import torch
 
 from data_pipeline.loader import merge_states
-from launch.env import host_tags, world_from_env
-from launch.preemption import StopRequest
-from launch.watchdog import Watchdog
 from pretrain.checkpoint import CheckpointManager, load_rank_state, read_meta, resolve_resume
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader
 from pretrain.distributed import all_reduce_mean, gather_floats
 from pretrain.engines import build_engine
+from pretrain.eval.features import count_classes, split_features
+from pretrain.eval.knn import knn_top1
 from pretrain.flops import device_peak_flops
 from pretrain.logs import setup_logging
 from pretrain.memory import peak_memory_gb
@@ -36,6 +36,9 @@ from pretrain.methods.registry import build_device_transform, build_method, flop
 from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr
 from pretrain.progress import Progress
 from pretrain.rng import rng_state, seed_everything, seed_step, set_rng_state
+from pretrain.runtime.preemption import StopRequest
+from pretrain.runtime.watchdog import Watchdog
+from pretrain.runtime.world import host_tags, world_from_env
 from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
 
 log = logging.getLogger("pretrain.train")
@@ -43,6 +46,20 @@ log = logging.getLogger("pretrain.train")
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN/inf loss or gradient; the last good state was checkpointed."""
+
+
+@dataclass
+class StepStats:
+    """What one call of `train_step` did, reduced over ranks."""
+
+    loss: float
+    grad_norm: float
+    extras: dict[str, float]  # the method's other outputs (means over micro-batches and ranks)
+    stop_requested: bool  # some rank was signalled to stop: every rank stops after this step
+    applied: bool  # False: a non-finite loss or gradient, nothing was updated
+    lr: float  # the learning rate of this step
+    batch: dict[str, Any]  # the last micro-batch, for pictures
+    seconds: float = 0.0  # this rank's time for the step
 
 
 @dataclass
@@ -195,15 +212,14 @@ class Trainer:
         """Train to `train.steps`, or stop early after step `until` (the schedule still spans
         train.steps), e.g. for jobs that get a fixed slice of a cluster's time. `save_final=False`
         skips the checkpoint at the end (benchmarks)."""
-        cfg, engine = self.cfg, self.engine
-        total, accum = cfg.train.steps, cfg.optim.accum_steps
-        stop = total if until is None else min(until, total)
+        cfg = self.cfg
+        stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
         result = TrainResult(step=self.step, mlflow_run_id=self.mlflow_run_id)
-        progress = Progress(total, self.step, self.samples_per_step)
-        window: dict[str, list[float]] = {}
+        self._progress = Progress(cfg.train.steps, self.step, self.samples_per_step)
+        self._window: dict[str, list[float]] = {}
+        self._last_saved = self.step if self.resumed_from is not None else -1
         consecutive_skips = 0
         batches = iter(self.loader)
-        last_saved = self.step if self.resumed_from is not None else -1
         status = "FAILED"
         stop_request = StopRequest().install()  # after the loader's workers start: they keep the default
         log_file = self.run_dir / "logs" / f"rank_{self.world.rank:05d}.log"
@@ -211,82 +227,29 @@ class Trainer:
         try:
             while self.step < stop:
                 before = (rng_state(), self.loader.state_dict()) if cfg.train.on_nonfinite == "stop" else None
-                started = time.perf_counter()
-                self.model.train()
-                loss_sum = torch.zeros((), device=engine.device)
-                extras: dict[str, torch.Tensor] = {}
-                for micro in range(accum):
-                    batch = _to_device(next(batches), engine.device)
-                    # Method randomness (e.g. MAE masks) is keyed by the micro-batch's place in the global
-                    # batch, so N ranks draw what one process with N-fold accumulation would draw.
-                    seed_step(cfg.run.seed, self.step, micro * self.world.world_size + self.world.rank)
-                    if self.device_transform is not None:
-                        batch = self.device_transform(batch)
-                    with engine.accumulate(self.model, micro == accum - 1), engine.autocast():
-                        out = self.model(batch)
-                        engine.backward(out["loss"] / accum)
-                    loss_sum += out["loss"].detach().float()
-                    for name, value in out.items():
-                        if name != "loss":
-                            extras[name] = extras.get(name, 0) + value.detach().float()
-                grad_norm = engine.clip_grad_norm(self.model, cfg.optim.grad_clip)
-                # One host sync per step: the finiteness decision must be the same on every rank.
-                # The last entry votes on a stop request (mean > 0: some rank was signalled), so every rank
-                # stops after the same step. Riding on this reduction, it costs no extra collective.
-                stop_vote = loss_sum.new_tensor(float(stop_request.requested))
-                stats = torch.stack(
-                    [loss_sum / accum, grad_norm.float(), *(v / accum for v in extras.values()), stop_vote]
-                )
-                *reduced, stop_votes = all_reduce_mean(stats).tolist()
-                loss_value, grad_value, *extra_values = reduced
+                stats = self.train_step(batches, stop_request.requested)
                 watchdog.beat()
-
-                if not math.isfinite(loss_value) or not math.isfinite(grad_value):
-                    engine.zero_grad(self.optimizer)
+                if not stats.applied:
                     consecutive_skips += 1
                     result.skipped_steps += 1
                     if cfg.train.on_nonfinite == "stop" or consecutive_skips > cfg.train.max_nonfinite_skips:
-                        self._stop_nonfinite(loss_value, grad_value, before, result)
+                        self._stop_nonfinite(stats.loss, stats.grad_norm, before, result)
                     log.warning(
                         "step %d: non-finite loss %s / grad norm %s, step skipped",
                         self.step + 1,
-                        loss_value,
-                        grad_value,
+                        stats.loss,
+                        stats.grad_norm,
                     )
                     continue
                 consecutive_skips = 0
-                self.weight_decay.apply(self.step)
-                engine.optimizer_step(self.optimizer)
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
-                self.step += 1
-                if self.ema_pairs:
-                    engine.ema_update(self.ema_pairs, self.method.ema_momentum(self.step, total))
-                self.method.on_step_end(self.step, total)
-                result.losses.append(loss_value)
+                result.losses.append(stats.loss)
                 result.step_ends.append(time.perf_counter())
-
-                window.setdefault("loss", []).append(loss_value)
-                window.setdefault("grad_norm", []).append(grad_value)
-                window.setdefault("rank_step_time", []).append(time.perf_counter() - started)
-                for name, value in zip(extras, extra_values):
-                    window.setdefault(name, []).append(value)
-                if self.step % cfg.train.log_every == 0 or self.step == total:
-                    self._report(progress, window, lr)
-                    window = {}
-                    result.checkpoint = self.checkpoints.poll() or result.checkpoint
-                if cfg.train.vis_every and self.step % cfg.train.vis_every == 0:
-                    self._log_visuals(batch)
-                if cfg.train.knn_every and self.step % cfg.train.knn_every == 0:
-                    self._log_knn()
-                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
-                    result.checkpoint = self.save_checkpoint(background=cfg.train.async_checkpoint) or result.checkpoint
-                    last_saved = self.step
-                if stop_votes > 0:
+                self._periodic(stats, result)
+                if stats.stop_requested:
                     result.stopped_by = stop_request.name or "a stop signal on another rank"
                     log.warning("step %d: stopping on %s, writing a checkpoint", self.step, result.stopped_by)
                     break
-            if save_final and last_saved != self.step:
+            if save_final and self._last_saved != self.step:
                 result.checkpoint = self.save_checkpoint()
             result.checkpoint = self.checkpoints.wait() or result.checkpoint
             status = "KILLED" if result.stopped_by else "FINISHED"
@@ -301,11 +264,95 @@ class Trainer:
         result.mlflow_run_id = self.tracker.run_id
         return result
 
-    def _report(self, progress: Progress, window: dict[str, list[float]], lr: float) -> None:
+    def train_step(self, batches: Iterator[dict[str, Any]], stop_requested: bool = False) -> StepStats:
+        """One optimizer step: `accum_steps` micro-batches forward/backward, the gradient norm (and
+        clipping), one reduction of the step's statistics across ranks, then, if every value is finite,
+        the weight-decay schedule, optimizer, learning-rate schedule, EMA and the method's hook. A
+        non-finite step changes no weights and does not advance `self.step`."""
+        cfg, engine = self.cfg, self.engine
+        accum, total = cfg.optim.accum_steps, cfg.train.steps
+        started = time.perf_counter()
+        self.model.train()
+        loss_sum = torch.zeros((), device=engine.device)
+        extras: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = _to_device(next(batches), engine.device)
+            # Method randomness (e.g. MAE masks) is keyed by the micro-batch's place in the global
+            # batch, so N ranks draw what one process with N-fold accumulation would draw.
+            seed_step(cfg.run.seed, self.step, micro * self.world.world_size + self.world.rank)
+            if self.device_transform is not None:
+                batch = self.device_transform(batch)
+            with engine.accumulate(self.model, micro == accum - 1), engine.autocast():
+                out = self.model(batch)
+                engine.backward(out["loss"] / accum)
+            loss_sum += out["loss"].detach().float()
+            for name, value in out.items():
+                if name != "loss":
+                    extras[name] = extras.get(name, 0) + value.detach().float()
+        grad_norm = engine.clip_grad_norm(self.model, cfg.optim.grad_clip)
+        # One host sync per step: the finiteness decision must be the same on every rank. The last
+        # entry votes on a stop request (mean > 0: some rank was signalled), so every rank stops after
+        # the same step. Riding on this reduction, it costs no extra collective.
+        stop_vote = loss_sum.new_tensor(float(stop_requested))
+        stats = torch.stack([loss_sum / accum, grad_norm.float(), *(v / accum for v in extras.values()), stop_vote])
+        *reduced, stop_votes = all_reduce_mean(stats).tolist()
+        loss, grad, *extra_values = reduced
+        step = StepStats(
+            loss=loss,
+            grad_norm=grad,
+            extras=dict(zip(extras, extra_values)),
+            stop_requested=stop_votes > 0,
+            applied=math.isfinite(loss) and math.isfinite(grad),
+            lr=self.scheduler.get_last_lr()[0],
+            batch=batch,
+        )
+        if not step.applied:
+            engine.zero_grad(self.optimizer)
+            return step
+        self.weight_decay.apply(self.step)
+        engine.optimizer_step(self.optimizer)
+        self.scheduler.step()
+        self.step += 1
+        if self.ema_pairs:
+            engine.ema_update(self.ema_pairs, self.method.ema_momentum(self.step, total))
+        self.method.on_step_end(self.step, total)
+        step.seconds = time.perf_counter() - started
+        return step
+
+    def _periodic(self, stats: StepStats, result: TrainResult) -> None:
+        """What happens every so many steps: the log line and metrics, pictures, kNN, checkpoints."""
+        train = self.cfg.train
+        window = self._window
+        for name, value in [("loss", stats.loss), ("grad_norm", stats.grad_norm), ("rank_step_time", stats.seconds)]:
+            window.setdefault(name, []).append(value)
+        for name, value in stats.extras.items():
+            window.setdefault(name, []).append(value)
+        if self.step % train.log_every == 0 or self.step == train.steps:
+            self._report(stats.lr)
+            self._window = {}
+            result.checkpoint = self.checkpoints.poll() or result.checkpoint
+        if train.vis_every and self.step % train.vis_every == 0:
+            self._log_visuals(stats.batch)
+        if train.knn_every and self.step % train.knn_every == 0:
+            self._log_knn()
+        if train.ckpt_every and self.step % train.ckpt_every == 0:
+            result.checkpoint = self.save_checkpoint(background=train.async_checkpoint) or result.checkpoint
+            self._last_saved = self.step
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        """Every metric of this step goes to MLflow and, on rank 0, to metrics.jsonl, a local record that
+        needs no server."""
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.world.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _report(self, lr: float) -> None:
         """Log the window's means; per-rank figures expose stragglers and the most loaded rank."""
+        progress = self._progress
         rates = progress.report(self.step)
         rates.update(self._flop_rates(rates["samples_per_sec"]))
-        means = {name: sum(values) / len(values) for name, values in window.items()}
+        means = {name: sum(values) / len(values) for name, values in self._window.items()}
         per_rank = gather_floats(
             [means.pop("rank_step_time"), peak_memory_gb(self.engine.device), self.loader.skipped_total]
         )
@@ -323,10 +370,8 @@ class Trainer:
         }
         if self.world.distributed:
             metrics.update({f"peak_memory_gb_rank{rank}": r[1] for rank, r in enumerate(per_rank)})
-        self.tracker.log_metrics(metrics, step=self.step)
+        self._record(metrics)
         if self.world.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:  # a local record that needs no server
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
             log.info(progress.line(self.step, means["loss"], lr, rates))
 
     def _flop_rates(self, samples_per_sec: float) -> dict[str, float]:
@@ -350,21 +395,15 @@ class Trainer:
 
     def _log_knn(self) -> None:
         """kNN top-1 of the current encoder on eval.shards (every rank extracts: sharded encoders need all)."""
-        from pretrain.eval.knn import knn_top1
-        from pretrain.eval.run import count_classes, split_features
-
         cfg, started = self.cfg, time.perf_counter()
         shards = cfg.eval.shards or cfg.data.shards
-        encoder = self.method.encoder()
+        encoder = self.method.inference_network()
         self.method.eval()
         with self.engine.autocast(), self.engine.full_parameters(self.model, encoder):
             train_x, train_y, test_x, test_y = split_features(cfg, encoder, shards, self.engine.device)
         num_classes = count_classes(shards, train_y, test_y)
         top1 = knn_top1(train_x, train_y, test_x, test_y, num_classes, cfg.eval.k, cfg.eval.temperature)
-        self.tracker.log_metrics({"knn_top1": top1}, step=self.step)
-        if self.world.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, "knn_top1": top1}) + "\n")
+        self._record({"knn_top1": top1})
         log.info("step %d: kNN top-1 %.2f%% (%.1fs)", self.step, 100 * top1, time.perf_counter() - started)
 
     def _stop_nonfinite(self, loss: float, grad: float, before: tuple | None, result: TrainResult) -> None:

@@ -5,10 +5,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Undo per-channel (x - mean) / std on [N, C, H, W] and clamp to the displayable range 0..1."""
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)

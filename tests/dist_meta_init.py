@@ -16,11 +16,11 @@ import sys
 
 import torch
 
-from launch.env import world_from_env
-from pretrain.config import load_config
 from pretrain.distributed import destroy_distributed
 from pretrain.engines import build_engine
 from pretrain.methods.registry import build_method
+from pretrain.recipes import load_config
+from pretrain.runtime.world import world_from_env
 
 OVERRIDES = ["engine.kind=fsdp", "model.size=large", "data.image_size=64", "model.patch_size=16", "run.device=cpu"]
 
@@ -33,7 +33,7 @@ def vm_data_bytes() -> int:
 
 def main() -> None:
     mode, fraction = sys.argv[1], float(sys.argv[2])
-    cfg = load_config(None, [*OVERRIDES, f"engine.meta_init={'true' if mode == 'meta' else 'false'}"])
+    cfg = load_config(None, [*OVERRIDES, f"engine.fsdp.meta_init={'true' if mode == 'meta' else 'false'}"])
     with torch.device("meta"):
         full_bytes = sum(p.numel() * 4 for p in build_method(cfg).parameters())
     engine = build_engine(cfg, world_from_env())  # process group first: its threads are not model memory

@@ -10,8 +10,8 @@ import argparse
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-from pretrain.config import load_config
 from pretrain.distributed import destroy_distributed
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 

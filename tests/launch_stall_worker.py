@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from pretrain.config import load_config
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 

@@ -78,7 +78,7 @@ def test_bench_real_data_path_with_given_peak(tmp_path, digit_shards):
 
 
 def test_training_logs_tflops_and_mfu(tmp_path, digit_shards, caplog):
-    from pretrain.config import load_config
+    from pretrain.recipes import load_config
     from pretrain.train import Trainer
 
     cfg = load_config(

@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pretrain.ckpt_tools import export_weights, inspect_checkpoint
+from pretrain.ckpt.export import export_weights
+from pretrain.ckpt.inspect import inspect_checkpoint
 from pretrain.cli import main
-from pretrain.config import load_config
 from pretrain.models.vit import build_vit, count_parameters
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 from tiny import tiny_overrides
@@ -51,8 +52,8 @@ def test_inspect_reads_meta_config_and_tensor_sizes(trained, capsys):
 
     model = info["tensors"]["model"]
     assert model["parameters"] == count_parameters(method) and model["tensors"] == len(method.state_dict())
-    assert model["encoder"]["parameters"] == count_parameters(method.encoder())
-    assert model["encoder"]["tensors"] == len(method.encoder().state_dict())
+    assert model["encoder"]["parameters"] == count_parameters(method.inference_network())
+    assert model["encoder"]["tensors"] == len(method.inference_network().state_dict())
     assert model["bytes"] == 4 * model["parameters"] and model["dtypes"] == {"float32": model["parameters"]}
     optim = info["tensors"]["optim"]
     assert optim["tensors"] == _optimizer_tensors(optimizer)
@@ -86,7 +87,7 @@ def test_export_encoder_loads_strictly_into_a_vit(trained, tmp_path, capsys):
     weights = load_file(out)
     vit = build_vit("tiny", img_size=16, patch_size=4)
     vit.load_state_dict(weights, strict=True)
-    trained_encoder = trainer.method.encoder()
+    trained_encoder = trainer.method.inference_network()
     expected = trained_encoder.state_dict()
     assert weights.keys() == expected.keys() and "blocks.0.attn.qkv.weight" in weights
     for name, tensor in expected.items():

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from test_dit_training import dit_overrides
 
-from pretrain.ckpt_tools import export_weights
-from pretrain.config import load_config
+from pretrain.ckpt.export import export_weights
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

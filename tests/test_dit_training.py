@@ -11,9 +11,10 @@ from PIL import Image
 
 from pretrain.checkpoint import read_meta
 from pretrain.cli import main
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
 from pretrain.diffusion.flow import flow_matching_loss, interpolate, logit_normal_timesteps
 from pretrain.methods.registry import build_method
+from pretrain.recipes import load_config
 from pretrain.sample import sample_grid
 from pretrain.train import Trainer
 

@@ -44,12 +44,13 @@ RESUMES = [
 
 
 def make_cfg(stage: int, precision: str = "fp32", accum: int = ACCUM):
-    from pretrain.config import Config
+    from pretrain.recipes import default_config
 
-    cfg = Config()
+    cfg = default_config()
     cfg.run.device = "cpu"
     cfg.train.precision = precision
-    cfg.engine = dataclasses.replace(cfg.engine, kind="deepspeed", zero_stage=stage)
+    cfg.engine.kind = "deepspeed"
+    cfg.engine.deepspeed.zero_stage = stage
     cfg.data.batch_size = MICRO
     cfg.optim = dataclasses.replace(
         cfg.optim, accum_steps=accum, grad_clip=CLIP, base_lr=1e-2, lr_scaling="none", warmup_steps=2, weight_decay=0.1
@@ -116,9 +117,9 @@ def rank0_save(obj, path: Path) -> None:
 
 
 def build(stage: int, kind: str, seed: int, precision: str = "fp32", accum: int = ACCUM, ac: bool = False):
-    from launch.env import world_from_env
-    from pretrain.engines.zero import DeepSpeedEngine
+    from pretrain.engines.deepspeed import DeepSpeedEngine
     from pretrain.optim import build_scheduler
+    from pretrain.runtime.world import world_from_env
 
     cfg = make_cfg(stage, precision, accum)
     cfg.engine = dataclasses.replace(cfg.engine, activation_checkpointing=ac)
@@ -156,7 +157,7 @@ def run_step(engine, model, kind: str, step: int, accum: int, poison: bool = Fal
 
 
 def snapshot(engine, optimizer) -> dict:
-    from pretrain.engines.zero import consolidated_state
+    from pretrain.engines.deepspeed_checkpoint import consolidated_state
 
     state = consolidated_state(engine.ds)
     state["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -235,7 +236,7 @@ def worker_resume(root: Path, spec: str) -> None:
 def worker_convert(root: Path, run: str) -> None:
     """One plain process: the run's DeepSpeed checkpoint to DCP, that DCP back to DeepSpeed, and the
     result loaded by a one-process engine of another ZeRO stage."""
-    from pretrain.engines.zero_convert import dcp_to_deepspeed, deepspeed_to_dcp
+    from pretrain.engines.deepspeed_convert import dcp_to_deepspeed, deepspeed_to_dcp
 
     stage, kind, _ = parse_run(run)
     source = root / run
@@ -476,7 +477,7 @@ def test_trainer_two_ranks_match_one_process_and_resume_at_one(tmp_path, digit_s
 
     # 1 process x 2 micro-batches, with 2 loader workers reading the shards the 2 ranks' loaders read
     reference = train(None, tmp_path / "one", "optim.accum_steps=2", "data.num_workers=2", "train.steps=6")
-    two = train(2, tmp_path, "engine.kind=deepspeed", "engine.zero_stage=3", until=3)
+    two = train(2, tmp_path, "engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", until=3)
     checkpoint = tmp_path / "tiny" / "checkpoints" / "step_00000003"
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert (meta["format"], meta["world_size"], meta["engine"]) == ("deepspeed", 2, "deepspeed")
@@ -488,7 +489,7 @@ def test_trainer_two_ranks_match_one_process_and_resume_at_one(tmp_path, digit_s
     assert [two[s] for s in (1, 2, 3)] == pytest.approx([reference[s] for s in (1, 2, 3)], rel=1e-5, abs=1e-6)
 
     # Resume at 1 process x 2 micro-batches (the same global batch) and ZeRO-2: world size and stage change.
-    resumed = train(1, tmp_path, "engine.kind=deepspeed", "engine.zero_stage=2", "optim.accum_steps=2")
+    resumed = train(1, tmp_path, "engine.kind=deepspeed", "engine.deepspeed.zero_stage=2", "optim.accum_steps=2")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert all(torch.isfinite(torch.tensor(list(resumed.values()))))
 

@@ -14,7 +14,8 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 from tiny import assert_equal_states
@@ -116,7 +117,7 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, shards):
     plain = Trainer(load_config(None, tiny_overrides(tmp_path / "plain", shards, "train.steps=3"))).fit()
     ac = tiny_overrides(tmp_path / "ac", shards, "train.steps=3", "engine.activation_checkpointing=true")
     trainer = Trainer(load_config(None, ac))
-    assert all(isinstance(block, CheckpointWrapper) for block in trainer.method.encoder().blocks)
+    assert all(isinstance(block, CheckpointWrapper) for block in trainer.method.inference_network().blocks)
     assert trainer.fit().losses == plain.losses
 
 
@@ -125,7 +126,10 @@ def test_compiled_blocks_match_eager(tmp_path, shards):
     trainer = Trainer(
         load_config(None, tiny_overrides(tmp_path / "compiled", shards, "train.steps=3", "engine.compile=true"))
     )
-    assert all(isinstance(block, torch._dynamo.eval_frame.OptimizedModule) for block in trainer.method.encoder().blocks)
+    assert all(
+        isinstance(block, torch._dynamo.eval_frame.OptimizedModule)
+        for block in trainer.method.inference_network().blocks
+    )
     assert trainer.fit().losses == pytest.approx(eager.losses, rel=1e-5)
 
 
@@ -151,8 +155,8 @@ def test_fsdp_async_checkpoints_equal_synchronous_ones(tmp_path, shards):
     "engine",
     [
         ["engine.kind=ddp"],
-        ["engine.kind=fsdp", "engine.reshard_after_forward=false"],
-        ["engine.kind=deepspeed", "engine.zero_stage=3"],
+        ["engine.kind=fsdp", "engine.fsdp.reshard_after_forward=false"],
+        ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"],
     ],
     ids=["ddp", "fsdp-no-reshard", "zero3"],
 )
@@ -171,7 +175,7 @@ def test_three_ranks_train_and_report_per_rank_metrics(tmp_path, shards, engine)
 
 def test_deepspeed_checkpoint_converted_to_dcp_resumes_with_fsdp(tmp_path, shards):
     pytest.importorskip("deepspeed")
-    overrides = tiny_overrides(tmp_path, shards, "engine.kind=deepspeed", "engine.zero_stage=2")
+    overrides = tiny_overrides(tmp_path, shards, "engine.kind=deepspeed", "engine.deepspeed.zero_stage=2")
     torchrun(2, train_args(overrides, "--until", "3"))
     deepspeed_checkpoint = tmp_path / "tiny" / "checkpoints" / "step_00000003"
     converted = tmp_path / "converted"
@@ -208,7 +212,7 @@ def test_deepspeed_checkpoint_converted_to_dcp_resumes_with_fsdp(tmp_path, shard
 
 
 def test_cpu_offload_on_a_cpu_run_fails_before_any_work(tmp_path, shards):
-    cfg = load_config(None, tiny_overrides(tmp_path, shards, "engine.kind=fsdp", "engine.cpu_offload=true"))
-    with pytest.raises(ConfigError, match="engine.cpu_offload: .* already computes on the CPU"):
+    cfg = load_config(None, tiny_overrides(tmp_path, shards, "engine.kind=fsdp", "engine.fsdp.cpu_offload=true"))
+    with pytest.raises(ConfigError, match="engine.fsdp.cpu_offload: .* already computes on the CPU"):
         Trainer(cfg)
     assert not any(tmp_path.iterdir())

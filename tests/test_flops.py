@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.config import load_config
 from pretrain.flops import device_peak_flops, vit_flops
 from pretrain.methods.registry import build_method, flops_per_sample
+from pretrain.recipes import load_config
 
 BATCH = 3
 SMALL = [

@@ -16,10 +16,10 @@ from test_vae import write_diffusers_vae
 from data_pipeline.loader import ResumableLoader
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import ShardStream
-from pretrain.config import load_config
-from pretrain.diffusion.latents import write_latent_shards
 from pretrain.diffusion.transforms import latent_transform, pixel_transform
-from pretrain.models.vae_loading import load_vae
+from pretrain.latent_shards import write_latent_shards
+from pretrain.methods.vae import load_vae
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from launch.accelerate import accelerate_config
-from launch.preemption import PREEMPTED_EXIT_CODE, StopRequest, exit_code_after_stop
-from launch.watchdog import HUNG_EXIT_CODE, Watchdog
 from pretrain.checkpoint import CheckpointManager, read_meta
-from pretrain.config import load_config
+from pretrain.recipes import load_config
+from pretrain.runtime.preemption import PREEMPTED_EXIT_CODE, StopRequest, exit_code_after_stop
+from pretrain.runtime.watchdog import HUNG_EXIT_CODE, Watchdog
 
 from tiny import tiny_overrides
 
@@ -97,7 +97,7 @@ def test_watchdog_dumps_stacks_to_the_log_and_exits(tmp_path):
     script = textwrap.dedent(
         f"""
         import time
-        from launch.watchdog import Watchdog
+        from pretrain.runtime.watchdog import Watchdog
 
         def stall_here():
             time.sleep(60)
@@ -167,7 +167,7 @@ def test_launch_accelerate_two_processes_train_and_checkpoint(tmp_path, digit_sh
     meta = read_meta(CheckpointManager(run_dir / "checkpoints").latest())
     assert (meta["step"], meta["world_size"], meta["engine"]) == (3, 2, "ddp")
 
-    deepspeed = load_config(CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=3"])
+    deepspeed = load_config(CONFIG, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"])
     generated = accelerate_config(deepspeed, 4, 29500)
     assert generated["distributed_type"] == "DEEPSPEED" and generated["deepspeed_config"]["zero_stage"] == 3
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pretrain.cli import main
-from pretrain.config import load_config
 from pretrain.eval.linear import LR_SWEEP, linear_head, linear_probe
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 from tiny import tiny_overrides

@@ -150,7 +150,7 @@ def test_image_grid_and_denormalize() -> None:
 
 def test_method_interface() -> None:
     mae = _tiny_mae()
-    assert mae.encoder() is mae.backbone
+    assert mae.inference_network() is mae.backbone
     assert [len(blocks) for blocks in mae.transformer_blocks()] == [2, 1]
     names = dict(mae.named_parameters())
     assert mae.no_weight_decay() == {"backbone.cls_token", "mask_token"} and mae.no_weight_decay() <= set(names)

@@ -11,10 +11,10 @@ import torch
 from scipy import linalg
 from test_dit_training import dit_overrides
 
-from pretrain.config import load_config
 from pretrain.eval.digit_classifier import classify, load_images, train_classifier
 from pretrain.eval.frechet import frechet_distance
 from pretrain.eval.inception import FIDInceptionV3, inception_features, load_fid_inception
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 

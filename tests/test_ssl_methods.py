@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import load_config
 from pretrain.engines.single import SingleEngine
 from pretrain.methods.dino import DINO
 from pretrain.methods.moco import MoCoV3
 from pretrain.models.vit import VisionTransformer
 from pretrain.optim import WeightDecaySchedule, build_optimizer
+from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 from test_engines import REPO, torchrun, train_args
@@ -56,7 +56,7 @@ def test_engine_ema_update_is_the_formula() -> None:
 
 
 def _one_process():
-    from launch.env import WorldInfo
+    from pretrain.runtime.world import WorldInfo
 
     return WorldInfo()
 
@@ -205,7 +205,7 @@ def test_two_rank_engines_train_the_same(tmp_path, digit_shards, method, engines
     must the kNN evaluation and the pictures taken mid-run from sharded encoders."""
     results, knn = {}, {}
     for engine in engines:
-        settings = [f"engine.kind={engine}", "engine.zero_stage=3", "train.steps=4", "train.ckpt_every=0"]
+        settings = [f"engine.kind={engine}", "engine.deepspeed.zero_stage=3", "train.steps=4", "train.ckpt_every=0"]
         settings += ["train.knn_every=4", "train.vis_every=4"]
         overrides = tiny_overrides(tmp_path / engine, digit_shards, "tracking.enabled=false", *method, *settings)
         torchrun(2, train_args(overrides))

@@ -13,8 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pretrain.checkpoint import read_meta
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
 from pretrain.methods.mae import MaskedAutoencoder
+from pretrain.recipes import load_config
 from pretrain.train import NonFiniteLossError, Trainer
 
 from mlflow_server import free_port

@@ -29,8 +29,9 @@ from kernels.attention import (  # noqa: E402
     unavailable_reason,
 )
 from kernels.attention.xformers_attention import memory_efficient, xformers_attention  # noqa: E402
-from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.config import ConfigError  # noqa: E402
 from pretrain.models.transformer import Attention  # noqa: E402
+from pretrain.recipes import load_config  # noqa: E402
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-4),

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pretrain.methods.vae import KLAutoencoderTraining
+from pretrain.methods.vae import KLAutoencoderTraining, load_vae
 from pretrain.models.vae import build_vae, level_channels
-from pretrain.models.vae_loading import load_diffusers_vae, load_vae
+from pretrain.models.vae_loading import load_diffusers_vae
 
 
 @pytest.mark.parametrize("downsample,latent_channels", [(8, 4), (8, 16), (4, 4)])
@@ -162,7 +162,8 @@ def test_gan_terms_train_only_their_own_network():
     ],
 )
 def test_bad_vae_settings_name_the_key(override, key):
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import ConfigError
+    from pretrain.recipes import load_config
 
     with pytest.raises(ConfigError, match=key):
         load_config(None, ["method.name=vae", "data.image_size=32", "model.patch_size=4", override])

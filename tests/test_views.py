@@ -22,7 +22,7 @@ from data_pipeline.color import (
     solarize,
 )
 from data_pipeline.views import ColorAugment, DeviceColor, MultiView, joint_embedding_views
-from pretrain.config import load_config
+from pretrain.recipes import load_config
 
 
 def _images(n: int = 3, size: int = 12) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from typing import Literal, get_args
 
 from torch import Tensor
 
@@ -49,7 +50,10 @@ _REQUIRES: dict[str, tuple[str, str]] = {
     "xformers": ("xformers", "pip install xformers (it requires a CUDA build of torch)"),
 }
 
-ATTENTION_BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
+# The one list of backend names; the config field model.attn_backend is typed by it.
+AttentionBackend = Literal["sdpa", "reference", "triton", "xformers"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+assert set(ATTENTION_BACKENDS) == set(_BACKENDS)
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -84,6 +88,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "AttentionBackend",
     "attention",
     "available_backends",
     "get_attention_backend",

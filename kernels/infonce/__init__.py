@@ -10,6 +10,8 @@ Three implementations compute the same mean loss and gradients:
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,9 @@ from kernels.infonce.reference import default_positives, info_nce_reference
 from kernels.infonce.tiled import info_nce_tiled
 from kernels.triton_support import triton_available
 
-INFO_NCE_IMPLS = ("auto", "reference", "tiled", "triton")
+# The one list of implementations; the config field method.moco.infonce_impl is typed by it.
+InfoNCEImpl = Literal["auto", "reference", "tiled", "triton"]
+INFO_NCE_IMPLS: tuple[str, ...] = get_args(InfoNCEImpl)
 
 
 def info_nce(
@@ -49,4 +53,4 @@ def info_nce(
     return info_nce_triton(q, k, temperature, positives, normalize)
 
 
-__all__ = ["INFO_NCE_IMPLS", "default_positives", "info_nce", "info_nce_reference", "info_nce_tiled"]
+__all__ = ["INFO_NCE_IMPLS", "InfoNCEImpl", "default_positives", "info_nce", "info_nce_reference", "info_nce_tiled"]

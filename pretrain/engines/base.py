@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.env import WorldInfo
 from pretrain.config import Config
 from pretrain.distributed import init_distributed
+from pretrain.runtime.world import WorldInfo
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -33,6 +33,12 @@ class Engine(ABC):
     name: str
     checkpoint_format: str = "dcp"  # what save_tensors writes; recorded in each checkpoint's meta.json
     supports_async_checkpoint: bool = False  # engines that implement save_tensors_async
+    options: type | None = None  # the dataclass of engine.<name>, if the engine has settings of its own
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """Checks of settings this engine cannot honour, before any work; messages name the key."""
+        return None
 
     def __init__(self, cfg: Config, world: WorldInfo):
         self.cfg = cfg

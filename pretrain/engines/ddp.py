@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.engines.base import OptimizerFactory
+from pretrain.engines.dcp import DCPEngine
 from pretrain.engines.parallelize import prepare_blocks
-from pretrain.engines.single import DCPEngine
 
 
 class DDPEngine(DCPEngine):

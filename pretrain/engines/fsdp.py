@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,50 +11,63 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from launch.env import WorldInfo
 from pretrain.config import Config, ConfigError
 from pretrain.engines.base import OptimizerFactory, resolve_device
+from pretrain.engines.dcp import DCPEngine
 from pretrain.engines.parallelize import prepare_blocks
-from pretrain.engines.single import DCPEngine
+from pretrain.runtime.world import WorldInfo
+
+
+@dataclass
+class FSDPOptions:
+    """engine.fsdp"""
+
+    # Free gathered parameters after forward (less memory, one more all-gather in backward).
+    reshard_after_forward: bool = True
+    # Keep sharded parameters, gradients and optimizer state in CPU memory.
+    cpu_offload: bool = False
+    # Build on the meta device so no rank ever holds the whole model.
+    meta_init: bool = False
 
 
 class FSDPEngine(DCPEngine):
     name = "fsdp"
+    options = FSDPOptions
 
     def __init__(self, cfg: Config, world: WorldInfo):
-        if cfg.engine.cpu_offload and resolve_device(cfg.run.device, world).type == "cpu":
+        if cfg.engine.fsdp.cpu_offload and resolve_device(cfg.run.device, world).type == "cpu":
             raise ConfigError(
-                "engine.cpu_offload: offloading keeps sharded state in CPU memory between accelerator steps; "
+                "engine.fsdp.cpu_offload: offloading keeps sharded state in CPU memory between accelerator steps; "
                 "this run already computes on the CPU"
             )
         super().__init__(cfg, world)
 
     def init_context(self) -> contextlib.AbstractContextManager:
-        return torch.device("meta") if self.cfg.engine.meta_init else contextlib.nullcontext()
+        return torch.device("meta") if self.cfg.engine.fsdp.meta_init else contextlib.nullcontext()
 
     def setup(self, method: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
-        opts = self.cfg.engine
+        opts, fsdp = self.cfg.engine, self.cfg.engine.fsdp
         mesh = init_device_mesh(self.device.type, (self.world.world_size,))
         policy = {
             "mesh": mesh,
-            "reshard_after_forward": opts.reshard_after_forward,
+            "reshard_after_forward": fsdp.reshard_after_forward,
             # bf16 compute with fp32 gradient reduction; gloo on CPU cannot all-gather bf16 reliably
             "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if self.precision == "bf16" and self.device.type == "cuda"
             else MixedPrecisionPolicy(),
         }
-        if opts.cpu_offload:
+        if fsdp.cpu_offload:
             policy["offload_policy"] = CPUOffloadPolicy()
         prepare_blocks(method, opts.activation_checkpointing, opts.compile)
-        if not opts.meta_init and not opts.cpu_offload:
+        if not fsdp.meta_init and not fsdp.cpu_offload:
             method.to(self.device)
         for blocks in method.transformer_blocks():
             for block in blocks:
                 fully_shard(block, **policy)
         fully_shard(method, **policy)
-        if opts.meta_init:
+        if fsdp.meta_init:
             # Allocate only this rank's shards, then initialize them; buffers are recomputed.
-            method.to_empty(device="cpu" if opts.cpu_offload else self.device)
+            method.to_empty(device="cpu" if fsdp.cpu_offload else self.device)
             method.init_weights()
         return method, make_optimizer(method)
 

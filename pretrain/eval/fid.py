@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from data_pipeline.loader import ResumableLoader
-from launch.env import WorldInfo
 from pretrain.diffusion.transforms import pixel_transform, to_unit
 from pretrain.engines.base import resolve_device
 from pretrain.eval.frechet import frechet_distance
 from pretrain.eval.inception import inception_features, load_fid_inception
+from pretrain.runtime.world import WorldInfo
 
 
 def real_images(shards: str, split: str, image_size: int, limit: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def evaluate_fid(
     sampler: str = "euler",
     seed: int = 0,
 ) -> dict[str, Any]:
-    from pretrain.eval.run import load_method
+    from pretrain.ckpt.load import load_method
     from pretrain.methods.dit import RectifiedFlowDiT
 
     start = time.perf_counter()

@@ -1,6 +1,2 @@
-"""Pretraining methods: each owns its networks and turns a batch into a loss dict for the one train loop."""
-
-from pretrain.methods.base import Method
-from pretrain.methods.mae import MaskedAutoencoder
-
-__all__ = ["MaskedAutoencoder", "Method"]
+"""Pretraining methods: each file owns its networks, config section, checks, transforms, FLOP count and
+pictures, and exports one MethodSpec; registry.py lists them."""

@@ -43,8 +43,10 @@ class Method(nn.Module, ABC):
         return {}
 
     @abstractmethod
-    def encoder(self) -> nn.Module:
-        """The backbone evaluated downstream (it has `forward_features`) and exported after training."""
+    def inference_network(self) -> nn.Module:
+        """The network used after training: evaluated (kNN, linear probe: it has `forward_features`), sampled
+        from and exported. An encoder for the SSL methods (DINO's teacher), the EMA network for DiT, the
+        autoencoder for the VAE."""
 
     @abstractmethod
     def transformer_blocks(self) -> list[nn.ModuleList]:

@@ -4,18 +4,49 @@ momentum teacher across views of different sizes (multi-crop)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from kernels.dino_loss import dino_loss, teacher_probabilities
+from pretrain.config import Config, ConfigError, bounded
 from pretrain.distributed import all_reduce_mean
+from pretrain.flops import FlopCount, linear_flops, mlp_flops
+from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
+from pretrain.methods.joint_embedding import joint_embedding_device_transform, joint_embedding_transform
+from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import DINOHead
 from pretrain.models.vit import VisionTransformer
 from pretrain.optim import cosine_ramp
 from pretrain.visualize import denormalize, image_grid
+
+
+@dataclass
+class DINOConfig:
+    """method.dino: the paper's defaults (65,536 prototypes, a 3-layer head with a 256-d bottleneck)."""
+
+    out_dim: int = bounded(65536, gt=0)
+    hidden_dim: int = bounded(2048, gt=0)
+    bottleneck_dim: int = bounded(256, gt=0)
+    head_layers: int = bounded(3, gt=0)
+    # Weight-normalized last layer with its norm fixed to 1.
+    norm_last_layer: bool = True
+    student_temp: float = bounded(0.1, gt=0)
+    teacher_temp: float = bounded(0.04, gt=0)
+    warmup_teacher_temp: float = bounded(0.04, gt=0)
+    warmup_teacher_temp_steps: int = bounded(0, ge=0)
+    center_momentum: float = bounded(0.9, ge=0, lt=1)
+    # Base teacher EMA momentum, raised to 1 on a cosine over training.
+    momentum: float = bounded(0.996, ge=0, le=1)
+    # The last head layer gets no updates for this many steps (DINO: 1 epoch).
+    freeze_last_layer_steps: int = bounded(0, ge=0)
+    # The head's input: the cls token (the paper) | the mean of the patch tokens.
+    pool: Literal["cls", "mean"] = "cls"
 
 
 class DINO(Method):
@@ -38,8 +69,8 @@ class DINO(Method):
         momentum: float = 0.996,
         freeze_last_layer_steps: int = 0,
         pool: str = "cls",
-        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
@@ -68,7 +99,7 @@ class DINO(Method):
         self.center.zero_()
         self.steps_done.zero_()
 
-    def encoder(self) -> VisionTransformer:
+    def inference_network(self) -> VisionTransformer:
         return self.teacher_backbone  # the teacher is the better encoder and the one DINO evaluates
 
     def transformer_blocks(self) -> list[nn.ModuleList]:
@@ -144,3 +175,62 @@ class DINO(Method):
         rows = [denormalize(images.float(), self.image_mean, self.image_std)]
         rows += [maps[:, head : head + 1].expand(-1, 3, -1, -1) for head in range(maps.shape[1])]
         return {"attention": image_grid(torch.cat(rows), nrow=images.shape[0])}
+
+
+# ---------------------------------------------------------------------- the method's spec
+
+
+def validate(cfg: Config) -> None:
+    validate_vit_backbone(cfg)
+    if cfg.data.local_crops and cfg.data.local_crop_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.local_crop_size: {cfg.data.local_crop_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
+        )
+
+
+def build(cfg: Config) -> DINO:
+    dino = cfg.method.dino
+    return DINO(
+        build_vit_backbone(cfg),
+        out_dim=dino.out_dim,
+        hidden_dim=dino.hidden_dim,
+        bottleneck_dim=dino.bottleneck_dim,
+        head_layers=dino.head_layers,
+        norm_last_layer=dino.norm_last_layer,
+        student_temp=dino.student_temp,
+        teacher_temp=dino.teacher_temp,
+        warmup_teacher_temp=dino.warmup_teacher_temp,
+        warmup_teacher_temp_steps=dino.warmup_teacher_temp_steps,
+        center_momentum=dino.center_momentum,
+        momentum=dino.momentum,
+        freeze_last_layer_steps=dino.freeze_last_layer_steps,
+        pool=dino.pool,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+    )
+
+
+def flops(cfg: Config) -> FlopCount:
+    """Student: backbone + head on the 2 global and data.local_crops local views; teacher (forward only):
+    backbone + head on the 2 global views; the loss's cross-entropy of every (teacher, student) view pair,
+    a product over the out_dim prototypes."""
+    dino, dim = cfg.method.dino, vit_width(cfg)
+    head_dims = [dim] + [dino.hidden_dim] * (dino.head_layers - 1) + [dino.bottleneck_dim, dino.out_dim]
+    view = lambda size: vit_backbone_flops(cfg, size) + FlopCount(mlp_flops(head_dims))  # noqa: E731
+    global_view, local_view = view(cfg.data.image_size), view(cfg.data.local_crop_size)
+    views = 2 + cfg.data.local_crops
+    cross_entropy = linear_flops(2, views, dino.out_dim)
+    student = FlopCount(2 * global_view.trained + cfg.data.local_crops * local_view.trained + cross_entropy)
+    teacher = FlopCount(0.0, 2 * global_view.trained)
+    return student + teacher
+
+
+SPEC = MethodSpec(
+    "dino",
+    DINOConfig,
+    build,
+    joint_embedding_transform,
+    validate=validate,
+    device_transform=joint_embedding_device_transform,
+    flops=flops,
+)

@@ -4,17 +4,61 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import Config, ConfigError
+from data_pipeline.manifest import Manifest
+from pretrain.config import Config, ConfigError, bounded, check_choice
 from pretrain.diffusion.flow import flow_matching_loss, interpolate, logit_normal_timesteps
 from pretrain.diffusion.sampling import guided_velocity, sample
 from pretrain.diffusion.transforms import latent_transform, pixel_transform, to_unit
+from pretrain.flops import FlopCount, block_flops, linear_flops, mlp_flops
 from pretrain.methods.base import Method
-from pretrain.models.dit import DiT, build_dit
+from pretrain.methods.spec import MethodSpec
+from pretrain.methods.vae import load_vae
+from pretrain.models.dit import DIT_SIZES, DiT, build_dit
 from pretrain.visualize import image_grid
+
+
+@dataclass
+class DiTConfig:
+    """method.dit: the DiT network (the ViT `model.*` section does not apply to DiT) and rectified flow."""
+
+    # S | B | L | XL, the DiT paper's sizes (pretrain/models/dit.py: DIT_SIZES).
+    size: str = "XL"
+    # Nonzero: override the size's width, depth or heads (small CPU models).
+    hidden_dim: int = bounded(0, ge=0)
+    depth: int = bounded(0, ge=0)
+    num_heads: int = bounded(0, ge=0)
+    # 2, 4 or 8.
+    patch_size: int = bounded(2, gt=0)
+    # Side of the network's input: latent side (image side / VAE factor), or pixels.
+    input_size: int = bounded(32, gt=0)
+    # Latent channels, or image channels (1 or 3) in pixel space.
+    in_channels: int = bounded(4, gt=0)
+    num_classes: int = bounded(1000, gt=0)
+    # Probability a label is replaced by the null class (for guidance).
+    class_dropout: float = bounded(0.1, ge=0, lt=1)
+    # latent: data.shards are latent shards (pretrain data latents) | pixel: images in [-1, 1].
+    space: Literal["latent", "pixel"] = "latent"
+    # Latents are multiplied by this; 0: the scale_factor in the latent manifest.
+    latent_scale: float = bounded(0.0, ge=0)
+    # Decodes latent samples into pictures: a vae run/checkpoint or a diffusers AutoencoderKL directory.
+    vae: str = ""
+    # Rectified flow: timesteps t = sigmoid(N(t_mean, t_std^2)), shifted toward noise by t_shift > 1.
+    t_mean: float = 0.0
+    t_std: float = bounded(1.0, gt=0)
+    t_shift: float = bounded(1.0, gt=0)
+    ema_momentum: float = bounded(0.9999, ge=0, le=1)
+    # m = min(ema_momentum, (1 + step) / (10 + step)): for short runs.
+    ema_warmup: bool = False
+    # Sample grids logged every train.vis_every steps.
+    sample_steps: int = bounded(50, gt=0)
+    sample_cfg_scale: float = bounded(4.0, ge=0)
+    sampler: Literal["euler", "heun"] = "euler"
 
 
 class RectifiedFlowDiT(Method):
@@ -62,7 +106,7 @@ class RectifiedFlowDiT(Method):
         self.latent_scale.fill_(self.initial_latent_scale)
         self.copy_online_to_averaged()
 
-    def encoder(self) -> DiT:
+    def inference_network(self) -> DiT:
         """The EMA network: the weights to sample from and to export."""
         return self.ema
 
@@ -116,8 +160,6 @@ class RectifiedFlowDiT(Method):
         if not self.vae_path:
             return to_unit(x.float())
         if self._vae is None:
-            from pretrain.models.vae_loading import load_vae
-
             self.__dict__["_vae"] = load_vae(self.vae_path).eval()
         vae = self._vae.to(x.device)
         return to_unit(vae.decode(x.float() / self.latent_scale))
@@ -143,8 +185,6 @@ def resolve_latent_scale(cfg: Config) -> float:
         return 1.0
     if dit.latent_scale > 0:
         return dit.latent_scale
-    from data_pipeline.manifest import Manifest
-
     try:
         latent = Manifest.load(cfg.data.shards).latent
     except (FileNotFoundError, ValueError, NotADirectoryError) as exc:
@@ -168,7 +208,7 @@ def _latent_scale_or_placeholder(cfg: Config) -> float:
         return 1.0
 
 
-def build_dit_method(cfg: Config) -> RectifiedFlowDiT:
+def build(cfg: Config) -> RectifiedFlowDiT:
     dit = cfg.method.dit
     model = build_dit(
         dit.size,
@@ -197,8 +237,44 @@ def build_dit_method(cfg: Config) -> RectifiedFlowDiT:
     )
 
 
-def dit_train_transform(cfg: Config):
+def train_transform(cfg: Config):
     dit = cfg.method.dit
     if dit.space == "pixel":
         return pixel_transform(dit.input_size, dit.in_channels, cfg.data.crop_scale, cfg.data.hflip)
     return latent_transform(resolve_latent_scale(cfg))
+
+
+def validate(cfg: Config) -> None:
+    dit = cfg.method.dit
+    check_choice("method.dit.size", dit.size, DIT_SIZES)
+    if dit.input_size % dit.patch_size:
+        raise ConfigError(
+            f"method.dit.input_size: {dit.input_size} is not a multiple of method.dit.patch_size {dit.patch_size}"
+        )
+    hidden, heads = dit.hidden_dim or DIT_SIZES[dit.size][0], dit.num_heads or DIT_SIZES[dit.size][2]
+    if hidden % heads or hidden % 4:
+        raise ConfigError(f"method.dit.hidden_dim: {hidden} must be divisible by 4 and by num_heads {heads}")
+    if dit.space == "pixel" and dit.in_channels not in (1, 3):
+        raise ConfigError(f"method.dit.in_channels: pixel space takes 1 or 3 channels, got {dit.in_channels}")
+
+
+def flops(cfg: Config) -> FlopCount:
+    """Patch embedding, timestep MLP, per block adaLN (6 x dim^2 per sample) + attention + MLP, final adaLN
+    and linear: one forward of the online network (the rectified-flow step; the EMA copy is not run)."""
+    dit = cfg.method.dit
+    dim0, depth0, _ = DIT_SIZES[dit.size]
+    dim, depth = dit.hidden_dim or dim0, dit.depth or depth0
+    tokens = (dit.input_size // dit.patch_size) ** 2
+    patch_dim = dit.patch_size**2 * dit.in_channels
+    freq_dim = 256  # TimestepEmbedder's sinusoidal features
+    total = (
+        linear_flops(tokens, patch_dim, dim)
+        + mlp_flops([freq_dim, dim, dim])
+        + depth * (linear_flops(1, dim, 6 * dim) + block_flops(tokens, dim))
+        + linear_flops(1, dim, 2 * dim)
+        + linear_flops(tokens, dim, patch_dim)
+    )
+    return FlopCount(total)
+
+
+SPEC = MethodSpec("dit", DiTConfig, build, train_transform, validate=validate, flops=flops)

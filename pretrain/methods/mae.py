@@ -1,16 +1,35 @@
 """Masked autoencoder pretraining (He et al., 2021): encode a random 25% of patches, reconstruct the rest."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, mae_transform
+from pretrain.config import Config, ConfigError, bounded
+from pretrain.flops import FlopCount, block_flops, linear_flops
+from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
+from pretrain.methods.spec import MethodSpec
 from pretrain.models.pos_embed import sincos_pos_embed_2d
 from pretrain.models.transformer import Block, init_linear_and_norm
 from pretrain.models.vit import VisionTransformer, patchify, unpatchify
-from pretrain.visualize import IMAGENET_MEAN, IMAGENET_STD, denormalize, image_grid
+from pretrain.visualize import denormalize, image_grid
+
+
+@dataclass
+class MAEConfig:
+    """method.mae: the paper's defaults (ViT-B/16: 75% masking, an 8-block 512-wide decoder, normalized pixels)."""
+
+    mask_ratio: float = bounded(0.75, gt=0, lt=1)
+    decoder_dim: int = bounded(512, gt=0)
+    decoder_depth: int = bounded(8, gt=0)
+    decoder_heads: int = bounded(16, gt=0)
+    norm_pix_loss: bool = True
 
 
 class PatchMasking(NamedTuple):
@@ -108,7 +127,7 @@ class MaskedAutoencoder(Method):
         self.backbone.init_weights()
         self.init_decoder_weights()
 
-    def encoder(self) -> VisionTransformer:
+    def inference_network(self) -> VisionTransformer:
         return self.backbone
 
     def transformer_blocks(self) -> list[nn.ModuleList]:
@@ -170,3 +189,52 @@ class MaskedAutoencoder(Method):
         pasted = denormalize(pred * mask + images * (1 - mask), self.image_mean, self.image_std)
         rows = torch.cat([original, masked, pasted], dim=0)
         return {"reconstruction": image_grid(rows, nrow=images.shape[0])}
+
+
+# ---------------------------------------------------------------------- the method's spec
+
+
+def validate(cfg: Config) -> None:
+    validate_vit_backbone(cfg)
+    mae = cfg.method.mae
+    if mae.decoder_dim % mae.decoder_heads:
+        raise ConfigError(
+            f"method.mae.decoder_dim: {mae.decoder_dim} is not divisible by method.mae.decoder_heads {mae.decoder_heads}"
+        )
+
+
+def build(cfg: Config) -> MaskedAutoencoder:
+    mae = cfg.method.mae
+    return MaskedAutoencoder(
+        build_vit_backbone(cfg),
+        decoder_dim=mae.decoder_dim,
+        decoder_depth=mae.decoder_depth,
+        decoder_heads=mae.decoder_heads,
+        mask_ratio=mae.mask_ratio,
+        norm_pix_loss=mae.norm_pix_loss,
+        attn_backend=cfg.model.attn_backend,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+    )
+
+
+def train_transform(cfg: Config):
+    data = cfg.data
+    return mae_transform(data.image_size, data.crop_scale, data.mean, data.std, data.hflip)
+
+
+def flops(cfg: Config) -> FlopCount:
+    """Encoder on the visible patches (+ cls), decoder embedding, decoder blocks on all patches + cls, prediction."""
+    mae, dim = cfg.method.mae, vit_width(cfg)
+    patches = (cfg.data.image_size // cfg.model.patch_size) ** 2
+    kept = int(patches * (1 - mae.mask_ratio))
+    patch_dim = cfg.model.patch_size**2 * cfg.model.in_chans
+    decoder = (
+        linear_flops(kept + 1, dim, mae.decoder_dim)
+        + mae.decoder_depth * block_flops(patches + 1, mae.decoder_dim)
+        + linear_flops(patches, mae.decoder_dim, patch_dim)
+    )
+    return vit_backbone_flops(cfg, cfg.data.image_size, kept_patches=kept) + FlopCount(decoder)
+
+
+SPEC = MethodSpec("mae", MAEConfig, build, train_transform, validate=validate, flops=flops)

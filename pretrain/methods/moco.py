@@ -4,16 +4,37 @@ encoder's projection of another view of the same image, against the other images
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from kernels.infonce import info_nce
+from kernels.infonce import InfoNCEImpl, info_nce
+from pretrain.config import Config, ConfigError, bounded
 from pretrain.distributed import all_gather_cat, rank
+from pretrain.flops import FlopCount, linear_flops, mlp_flops
+from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
+from pretrain.methods.joint_embedding import joint_embedding_device_transform, joint_embedding_transform
+from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import init_moco_mlp, moco_mlp
 from pretrain.models.vit import VisionTransformer
 from pretrain.optim import cosine_ramp
+
+
+@dataclass
+class MoCoConfig:
+    """method.moco: MoCo v3's defaults (ViT: 256-d output, 4096-wide MLPs, T = 0.2, momentum 0.99)."""
+
+    proj_dim: int = bounded(256, gt=0)
+    mlp_dim: int = bounded(4096, gt=0)
+    temperature: float = bounded(0.2, gt=0)
+    # Base EMA momentum of the key encoder, raised to 1 on a cosine over training.
+    momentum: float = bounded(0.99, ge=0, le=1)
+    # The paper's random, frozen patch projection (stabilizes ViT training).
+    freeze_patch_embed: bool = True
+    # auto: the fused/tiled kernel for the device | reference: the plain formula (kernels/infonce).
+    infonce_impl: InfoNCEImpl = "auto"
 
 
 def moco_contrastive_loss(query: Tensor, key: Tensor, temperature: float, impl: str = "auto") -> Tensor:
@@ -36,7 +57,7 @@ class MoCoV3(Method):
         temperature: float = 0.2,
         momentum: float = 0.99,
         freeze_patch_embed: bool = True,
-        infonce_impl: str = "auto",
+        infonce_impl: InfoNCEImpl = "auto",
     ) -> None:
         super().__init__()
         self.temperature, self.base_momentum, self.infonce_impl = temperature, momentum, infonce_impl
@@ -61,7 +82,7 @@ class MoCoV3(Method):
         self.momentum_backbone.init_weights()  # refills its position buffer (needed after meta init)
         self.copy_online_to_averaged()
 
-    def encoder(self) -> VisionTransformer:
+    def inference_network(self) -> VisionTransformer:
         return self.backbone
 
     def transformer_blocks(self) -> list[nn.ModuleList]:
@@ -90,3 +111,53 @@ class MoCoV3(Method):
             q2, k1, self.temperature, self.infonce_impl
         )
         return {"loss": loss}
+
+
+# ---------------------------------------------------------------------- the method's spec
+
+
+def validate(cfg: Config) -> None:
+    validate_vit_backbone(cfg)
+    if cfg.data.local_crops:
+        raise ConfigError(
+            f"data.local_crops: MoCo v3 uses exactly two views, got {cfg.data.local_crops} local crops; set 0"
+        )
+
+
+def build(cfg: Config) -> MoCoV3:
+    moco = cfg.method.moco
+    return MoCoV3(
+        build_vit_backbone(cfg),
+        proj_dim=moco.proj_dim,
+        mlp_dim=moco.mlp_dim,
+        temperature=moco.temperature,
+        momentum=moco.momentum,
+        freeze_patch_embed=moco.freeze_patch_embed,
+        infonce_impl=moco.infonce_impl,
+    )
+
+
+def flops(cfg: Config) -> FlopCount:
+    """Two views through the query branch (backbone, 3-layer projector, 2-layer predictor) and, forward only,
+    the momentum branch (backbone, projector); plus the InfoNCE logits of both query views against this
+    process's data.batch_size keys (at world size W the keys are W x as many: under 0.1% of the total)."""
+    moco, dim = cfg.method.moco, vit_width(cfg)
+    backbone = vit_backbone_flops(cfg, cfg.data.image_size, frozen_embed=moco.freeze_patch_embed)
+    projector = mlp_flops([dim, moco.mlp_dim, moco.mlp_dim, moco.proj_dim])
+    predictor = mlp_flops([moco.proj_dim, moco.mlp_dim, moco.proj_dim])
+    logits = linear_flops(1, moco.proj_dim, cfg.data.batch_size)
+    query = backbone + FlopCount(projector + predictor + logits)
+    momentum = (vit_backbone_flops(cfg, cfg.data.image_size) + FlopCount(projector)).as_frozen()
+    views = 2
+    return FlopCount(views * query.trained, views * (query.frozen + momentum.frozen))
+
+
+SPEC = MethodSpec(
+    "moco",
+    MoCoConfig,
+    build,
+    joint_embedding_transform,
+    validate=validate,
+    device_transform=joint_embedding_device_transform,
+    flops=flops,
+)

@@ -14,16 +14,47 @@ persistent buffer, so a resumed run switches at the same step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pretrain.config import Config
-from pretrain.diffusion.transforms import to_unit
+from pretrain.checkpoint import dcp_load, find_checkpoint, read_meta
+from pretrain.config import Config, ConfigError, bounded, build_section
+from pretrain.diffusion.transforms import pixel_transform, to_unit
 from pretrain.methods.base import Method
+from pretrain.methods.spec import MethodSpec
 from pretrain.models.vae import AutoencoderKL, build_vae
+from pretrain.models.vae_loading import is_diffusers_vae, load_diffusers_vae
 from pretrain.visualize import image_grid
+
+
+@dataclass
+class VAEConfig:
+    """method.vae: a KL autoencoder in diffusers' AutoencoderKL layout (SD's f8c4 by default)."""
+
+    in_channels: int = bounded(3, gt=0)
+    latent_channels: int = bounded(4, gt=0)
+    # Spatial factor, a power of 2: log2(downsample) + 1 resolution levels.
+    downsample: int = bounded(8, gt=0)
+    # Level i has base_channels * min(2^i, 4) channels (SD's 128, 256, 512, 512).
+    base_channels: int = bounded(128, gt=0)
+    layers_per_block: int = bounded(2, gt=0)
+    norm_groups: int = bounded(32, gt=0)
+    recon_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = bounded(1e-6, ge=0)
+    # 0: no discriminator.
+    gan_weight: float = bounded(0.0, ge=0)
+    # Optimizer step from which the generator's adversarial term is on.
+    gan_start: int = bounded(0, ge=0)
+    disc_channels: int = 64
+    disc_layers: int = 3
+    # A diffusers AutoencoderKL directory (config.json + safetensors) to start from.
+    pretrained: str = ""
 
 
 class PatchDiscriminator(nn.Module):
@@ -82,7 +113,7 @@ class KLAutoencoderTraining(Method):
                 module.reset_parameters()
         self.steps_done.zero_()
 
-    def encoder(self) -> AutoencoderKL:
+    def inference_network(self) -> AutoencoderKL:
         return self.vae
 
     def transformer_blocks(self) -> list[nn.ModuleList]:
@@ -116,11 +147,27 @@ class KLAutoencoderTraining(Method):
         return {"reconstruction": image_grid(to_unit(torch.cat([x, recon]).float()), nrow=x.shape[0])}
 
 
-def build_vae_method(cfg: Config) -> KLAutoencoderTraining:
-    v = cfg.method.vae
-    if v.pretrained:
-        from pretrain.models.vae_loading import load_diffusers_vae
+# ---------------------------------------------------------------------- the method's spec
 
+
+def validate(cfg: Config) -> None:
+    vae = cfg.method.vae
+    if vae.downsample & (vae.downsample - 1):
+        raise ConfigError(f"method.vae.downsample: must be a power of 2, got {vae.downsample}")
+    if vae.base_channels % vae.norm_groups:
+        raise ConfigError(
+            f"method.vae.base_channels: {vae.base_channels} is not divisible by method.vae.norm_groups {vae.norm_groups}"
+        )
+    if vae.gan_weight > 0 and (vae.disc_channels < 1 or vae.disc_layers < 1):
+        raise ConfigError("method.vae.disc_channels: the discriminator needs disc_channels >= 1 and disc_layers >= 1")
+    if cfg.data.image_size % vae.downsample:
+        raise ConfigError(
+            f"data.image_size: {cfg.data.image_size} is not a multiple of method.vae.downsample {vae.downsample}"
+        )
+
+
+def build_from_section(v: VAEConfig) -> KLAutoencoderTraining:
+    if v.pretrained:
         vae = load_diffusers_vae(v.pretrained)[0].train()
     else:
         vae = build_vae(
@@ -129,3 +176,29 @@ def build_vae_method(cfg: Config) -> KLAutoencoderTraining:
     return KLAutoencoderTraining(
         vae, v.recon_loss, v.kl_weight, v.gan_weight, v.gan_start, v.disc_channels, v.disc_layers
     )
+
+
+def build(cfg: Config) -> KLAutoencoderTraining:
+    return build_from_section(cfg.method.vae)
+
+
+def train_transform(cfg: Config):
+    return pixel_transform(cfg.data.image_size, cfg.method.vae.in_channels, cfg.data.crop_scale, cfg.data.hflip)
+
+
+def load_vae(path: str | Path) -> AutoencoderKL:
+    """A diffusers AutoencoderKL directory, or a checkpoint (or run directory) of this `vae` method: what
+    DiT decodes latents with and `pretrain data latents` encodes images with."""
+    if is_diffusers_vae(path):
+        return load_diffusers_vae(path)[0]
+    checkpoint = find_checkpoint(path)
+    config = read_meta(checkpoint)["config"]
+    method_name = config.get("method", {}).get("name")
+    if method_name != "vae":
+        raise ValueError(f"{checkpoint}: method {method_name!r} is not a VAE (and {path} is no diffusers VAE)")
+    method = build_from_section(build_section(VAEConfig, config["method"].get("vae", {}), "method.vae."))
+    dcp_load({"model": method.state_dict()}, checkpoint)
+    return method.vae.eval()
+
+
+SPEC = MethodSpec("vae", VAEConfig, build, train_transform, validate=validate)

@@ -1,5 +1,6 @@
-"""Load a VAE for encoding or decoding: a diffusers-format `AutoencoderKL` directory, or a run/checkpoint of our
-`vae` method. No downloads: a diffusers VAE must already be on disk (config.json + diffusion_pytorch_model.safetensors)."""
+"""Load a diffusers-format `AutoencoderKL` directory into our AutoencoderKL. No downloads: it must already be on
+disk (config.json + diffusion_pytorch_model.safetensors). Checkpoints of our `vae` method load through
+`pretrain.methods.vae.load_vae`, which also takes such a directory."""
 
 from __future__ import annotations
 
@@ -68,16 +69,3 @@ def load_diffusers_vae(directory: str | Path) -> tuple[AutoencoderKL, dict]:
             f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
     return model.eval(), config
-
-
-def load_vae(path: str | Path) -> AutoencoderKL:
-    """A diffusers AutoencoderKL directory, or a checkpoint (or run directory) of the `vae` method."""
-    if is_diffusers_vae(path):
-        return load_diffusers_vae(path)[0]
-    from pretrain.eval.run import load_method
-    from pretrain.methods.vae import KLAutoencoderTraining
-
-    cfg, method, checkpoint = load_method(path)
-    if not isinstance(method, KLAutoencoderTraining):
-        raise ValueError(f"{checkpoint}: method {cfg.method.name!r} is not a VAE (and {path} is no diffusers VAE)")
-    return method.vae.eval()

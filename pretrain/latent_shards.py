@@ -12,7 +12,7 @@ import argparse
 import io
 import math
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,9 @@ import torch
 
 from data_pipeline.loader import ResumableLoader
 from data_pipeline.manifest import Manifest
-from data_pipeline.shard_writer import _clear_previous, _SplitWriter
+from data_pipeline.shard_writer import SplitWriter, clear_previous_shards
 from pretrain.diffusion.transforms import pixel_transform
+from pretrain.methods.vae import load_vae
 from pretrain.models.vae import AutoencoderKL
 
 
@@ -54,16 +55,16 @@ def write_latent_shards(
         raise ValueError(f"image size {size} is not a multiple of the VAE's downsampling factor {vae.downsample}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out, overwrite)
+    clear_previous_shards(out, overwrite)
     vae = vae.eval().to(device)
     transform = pixel_transform(size, vae.arch.in_channels, train=False)
     generator = torch.Generator(device=device).manual_seed(seed)
-    writers: dict[str, _SplitWriter] = {}
+    writers: dict[str, SplitWriter] = {}
     moments = {"count": 0, "sum": 0.0, "sum_sq": 0.0}
     splits = sorted(source.splits, key=lambda s: s != "train")  # train first: it defines the scale
     try:
         for split in splits:
-            writers[split] = writer = _SplitWriter(out, split, shard_size)
+            writers[split] = writer = SplitWriter(out, split, shard_size)
             loader = ResumableLoader(
                 source.shard_paths(split), batch_size=batch_size, transform=transform, shuffle_buffer=0, infinite=False
             )
@@ -91,7 +92,7 @@ def write_latent_shards(
         classes=source.classes,
         image_size=size,
         splits={split: writer.shards for split, writer in writers.items()},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         latent={
             "vae": vae_name,
             "channels": vae.arch.latent_channels,
@@ -108,8 +109,6 @@ def write_latent_shards(
 
 
 def run_latents(args: argparse.Namespace) -> int:
-    from pretrain.models.vae_loading import load_vae
-
     try:
         vae = load_vae(args.vae)
         manifest = write_latent_shards(

@@ -29,10 +29,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pretrain.checkpoint import dcp_load, dcp_save
-from pretrain.engines.zero import (
+from pretrain.engines.deepspeed import ensure_process_group, import_deepspeed
+from pretrain.engines.deepspeed_checkpoint import (
     MODEL_STATE_NAMES,
-    ensure_process_group,
-    import_deepspeed,
     normalize_universal,
     plain_name,
     save_native,
@@ -40,7 +39,7 @@ from pretrain.engines.zero import (
     to_universal,
 )
 
-log = logging.getLogger("pretrain.engines.zero_convert")
+log = logging.getLogger("pretrain.engines.deepspeed_convert")
 
 MethodBuilder = Callable[[], nn.Module]
 OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]

@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Mapping
 
-log = logging.getLogger("launch.preemption")
+log = logging.getLogger("pretrain.runtime.preemption")
 
 # EX_TEMPFAIL: "try again later". The batch script requeues the job on it.
 PREEMPTED_EXIT_CODE = 75

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("launch.watchdog")
+log = logging.getLogger("pretrain.runtime.watchdog")
 
 HUNG_EXIT_CODE = 86
 FIRST_STEP_FACTOR = 3.0

@@ -1,0 +1,247 @@
+"""`pretrain ckpt inspect`: step, config summary and tensor sizes of a checkpoint, from meta.json and DCP's
+`.metadata` (names, shapes and dtypes) only: the tensors are never read, so it is instant at any size."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from pretrain.checkpoint import find_checkpoint, read_meta
+from pretrain.models.vit import VIT_SIZES
+from pretrain.optim import scaled_lr
+
+
+def _disk_usage(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def _config_summary(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    data, model, method = config.get("data", {}), config.get("model", {}), config.get("method", {})
+    optim, train = config.get("optim", {}), config.get("train", {})
+    batch, accum = data.get("batch_size", 0), optim.get("accum_steps", 1)
+    global_batch = batch * accum * world_size
+    name = method.get("name", "?")
+    size = model.get("size", "?")
+    dims = VIT_SIZES.get(size)
+    peak = None
+    if "base_lr" in optim:
+        peak = scaled_lr(
+            SimpleNamespace(base_lr=optim["base_lr"], lr_scaling=optim.get("lr_scaling", "none")), global_batch
+        )
+    return {
+        "method": name,
+        "method_config": method.get(name, {}),
+        "model_size": size,
+        "patch_size": model.get("patch_size"),
+        "image_size": data.get("image_size"),
+        "in_chans": model.get("in_chans"),
+        "embed_dim": dims[0] if dims else None,
+        "depth": dims[1] if dims else None,
+        "num_heads": dims[2] if dims else None,
+        "batch_size_per_process": batch,
+        "accum_steps": accum,
+        "global_batch": global_batch,
+        "base_lr": optim.get("base_lr"),
+        "lr_scaling": optim.get("lr_scaling"),
+        "peak_lr": peak,
+        "min_lr": optim.get("min_lr"),
+        "warmup_steps": optim.get("warmup_steps"),
+        "weight_decay": optim.get("weight_decay"),
+        "train_steps": train.get("steps"),
+        "data_shards": data.get("shards"),
+    }
+
+
+def _encoder_prefix(config: dict[str, Any]) -> str | None:
+    """Where the encoder sits in the method's state dict ("backbone." for MAE), from the method built
+    on the meta device (no memory, no init work); None when the config cannot be built."""
+    try:
+        import torch
+
+        from pretrain.methods.registry import build_method
+        from pretrain.recipes import config_from_dict
+
+        with torch.device("meta"):
+            method = build_method(config_from_dict(config))
+        return _module_prefix(method, method.inference_network())
+    except Exception:  # an old or foreign config: the encoder line is just left out
+        return None
+
+
+def _module_prefix(root, module) -> str:
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return f"{name}." if name else ""
+    raise ValueError("the encoder is not a submodule of the method")
+
+
+def _dcp_tensor_summary(path: Path, encoder_prefix: str | None) -> dict[str, Any]:
+    """Per top-level part ("model", "optim"): tensors, elements, bytes and dtypes, from DCP metadata only."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    planner = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        part_name = key.split(".", 1)[0]
+        if part_name not in parts:
+            parts[part_name] = {"tensors": 0, "elements": 0, "bytes": 0, "dtypes": {}, "other_entries": 0}
+            if part_name == "model":
+                parts[part_name]["parameters"] = 0
+        part = parts[part_name]
+        if not isinstance(entry, TensorStorageMetadata):
+            part["other_entries"] += 1  # pickled values, e.g. the optimizer's param_groups
+            continue
+        numel = entry.size.numel()
+        dtype = str(entry.properties.dtype).removeprefix("torch.")
+        part["tensors"] += 1
+        part["elements"] += numel
+        part["bytes"] += numel * entry.properties.dtype.itemsize
+        part["dtypes"][dtype] = part["dtypes"].get(dtype, 0) + numel
+        if part_name == "model":
+            # Non-persistent buffers (position embeddings) are not in the state dict: every tensor is a parameter.
+            part["parameters"] += numel
+        if part_name == "model" and encoder_prefix is not None and key.startswith(f"model.{encoder_prefix}"):
+            encoder = part.setdefault("encoder", {"tensors": 0, "parameters": 0})
+            encoder["tensors"] += 1
+            encoder["parameters"] += numel
+    if "optim" in parts and planner:
+        paths = [planner[key] for key in metadata.state_dict_metadata if key.startswith("optim.") and key in planner]
+        parts["optim"]["parameters_with_state"] = len({p[2] for p in paths if len(p) > 2 and p[1] == "state"})
+        parts["optim"]["param_groups"] = len({p[2] for p in paths if len(p) > 2 and p[1] == "param_groups"})
+    return parts
+
+
+def _deepspeed_tensor_summary(path: Path) -> dict[str, Any]:
+    """What DeepSpeed's small model-state file tells cheaply (memory-mapped, tensors not read): parameter
+    names and shapes, ZeRO stage, number of optimizer partitions. Empty when it cannot be read."""
+    model_files = sorted(path.glob("*mp_rank_*_model_states.pt"))
+    optim_files = sorted(path.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+    summary: dict[str, Any] = {"optimizer_files": len(optim_files)}
+    if optim_files:
+        summary["optimizer_bytes"] = sum(f.stat().st_size for f in optim_files)
+    if not model_files:
+        return summary
+    try:
+        state = torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # e.g. DeepSpeed classes in the pickle and no DeepSpeed installed
+        summary["note"] = f"model-state file not readable here: {type(exc).__name__}: {exc}"
+        return summary
+    shapes: dict[str, Any] = {}
+    for group in state.get("param_shapes") or []:
+        shapes.update(group)
+    config = state.get("ds_config") or {}
+    summary["zero_stage"] = config.get("zero_optimization", {}).get("stage")
+    summary["bf16"] = bool(config.get("bf16", {}).get("enabled", False))
+    summary["ds_version"] = state.get("ds_version")
+    if shapes:
+        summary["model"] = {"tensors": len(shapes), "parameters": sum(math.prod(s) for s in shapes.values())}
+    return summary
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Everything `pretrain ckpt inspect` shows, as a JSON-ready dict."""
+    ckpt = find_checkpoint(path)
+    meta = read_meta(ckpt)
+    config = meta.get("config", {})
+    world_size = meta.get("world_size", 1)
+    total_bytes, num_files = _disk_usage(ckpt)
+    info: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "step": meta.get("step"),
+        "engine": meta.get("engine"),
+        "format": meta.get("format", "dcp"),
+        "format_version": meta.get("format_version"),
+        "world_size": world_size,
+        "saved_at": meta.get("saved_at"),
+        "samples_seen": meta.get("samples_seen"),
+        "mlflow_run_id": meta.get("mlflow_run_id"),
+        "config": _config_summary(config, world_size),
+        "disk": {"bytes": total_bytes, "files": num_files},
+    }
+    if info["format"] == "dcp":
+        info["tensors"] = _dcp_tensor_summary(ckpt, _encoder_prefix(config))
+    elif info["format"] == "deepspeed":
+        info["deepspeed"] = _deepspeed_tensor_summary(ckpt)
+    return info
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # unreachable
+
+
+def _dtypes(part: dict[str, Any]) -> str:
+    return "/".join(sorted(part.get("dtypes", {}), key=lambda d: -part["dtypes"][d])) or "-"
+
+
+def format_report(info: dict[str, Any]) -> str:
+    c = info["config"]
+    lines = [
+        ("checkpoint", info["checkpoint"]),
+        ("step", f"{info['step']} of {c['train_steps']} (train.steps)"),
+        ("engine", f"{info['engine']}, format {info['format']}, world size {info['world_size']}"),
+        ("saved at", info["saved_at"]),
+        ("samples seen", f"{info['samples_seen']:,}" if isinstance(info["samples_seen"], int) else "?"),
+        ("mlflow run", info["mlflow_run_id"] or "-"),
+    ]
+    model = f"ViT-{c['model_size']}/{c['patch_size']}"
+    if c["embed_dim"]:
+        model += f" ({c['embed_dim']} dim, {c['depth']} blocks, {c['num_heads']} heads)"
+    lines.append(("model", f"{model}, image {c['image_size']}px, {c['in_chans']} channels"))
+    method_cfg = ", ".join(f"{k}={v}" for k, v in c["method_config"].items())
+    lines.append(("method", c["method"] + (f" ({method_cfg})" if method_cfg else "")))
+    lines.append(
+        (
+            "global batch",
+            f"{c['global_batch']} = {c['batch_size_per_process']} per process x {c['accum_steps']} accum "
+            f"x {info['world_size']} process{'es' if info['world_size'] != 1 else ''}",
+        )
+    )
+    peak = f"{c['peak_lr']:.3g}" if c["peak_lr"] is not None else "?"
+    lines.append(
+        (
+            "lr",
+            f"peak {peak} (base_lr {c['base_lr']}, {c['lr_scaling']} scaling), warmup {c['warmup_steps']} steps, "
+            f"cosine to min_lr {c['min_lr']}, weight decay {c['weight_decay']}",
+        )
+    )
+    lines.append(("on disk", f"{format_bytes(info['disk']['bytes'])} in {info['disk']['files']} files"))
+    tensors = info.get("tensors", {})
+    if "model" in tensors:
+        m = tensors["model"]
+        text = f"{m['tensors']} tensors, {m['parameters']:,} parameters ({format_bytes(m['bytes'])} {_dtypes(m)})"
+        if "encoder" in m:
+            text += f"; encoder {m['encoder']['tensors']} tensors, {m['encoder']['parameters']:,} parameters"
+        lines.append(("model state", text))
+    if "optim" in tensors:
+        o = tensors["optim"]
+        text = f"{o['tensors']} tensors, {o['elements']:,} elements ({format_bytes(o['bytes'])} {_dtypes(o)})"
+        if "parameters_with_state" in o:
+            text += f"; state for {o['parameters_with_state']} parameters in {o['param_groups']} groups"
+        lines.append(("optimizer state", text))
+    for name, part in tensors.items():
+        if name not in ("model", "optim"):
+            lines.append((f"{name} state", f"{part['tensors']} tensors, {part['elements']:,} elements"))
+    if "deepspeed" in info:
+        ds = info["deepspeed"]
+        if "model" in ds:
+            lines.append(("model state", f"{ds['model']['tensors']} tensors, {ds['model']['parameters']:,} parameters"))
+        text = f"ZeRO stage {ds.get('zero_stage', '?')}, {ds['optimizer_files']} optimizer partitions"
+        if "optimizer_bytes" in ds:
+            text += f" ({format_bytes(ds['optimizer_bytes'])})"
+        lines.append(("deepspeed", text))
+        if "note" in ds:
+            lines.append(("note", ds["note"]))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)

@@ -1,0 +1,40 @@
+"""The ViT backbone of the `model.*` section, shared by the methods that pretrain a ViT encoder."""
+
+from __future__ import annotations
+
+from pretrain.config import Config, ConfigError, check_choice
+from pretrain.flops import FlopCount, vit_flops
+from pretrain.models.vit import VIT_SIZES, VisionTransformer, build_vit
+
+
+def build_vit_backbone(cfg: Config) -> VisionTransformer:
+    model = cfg.model
+    return build_vit(
+        model.size,
+        img_size=cfg.data.image_size,
+        patch_size=model.patch_size,
+        in_chans=model.in_chans,
+        attn_backend=model.attn_backend,
+    )
+
+
+def validate_vit_backbone(cfg: Config) -> None:
+    check_choice("model.size", cfg.model.size, VIT_SIZES)
+    if cfg.data.image_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.image_size: {cfg.data.image_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
+        )
+
+
+def vit_width(cfg: Config) -> int:
+    return VIT_SIZES[cfg.model.size][0]
+
+
+def vit_backbone_flops(
+    cfg: Config, image_size: int, frozen_embed: bool = False, kept_patches: int | None = None
+) -> FlopCount:
+    """One image through the backbone; a frozen patch embedding (MoCo v3) gets no backward FLOPs."""
+    dim, depth, _ = VIT_SIZES[cfg.model.size]
+    model = cfg.model
+    embed, body = vit_flops(image_size, model.patch_size, model.in_chans, dim, depth, kept_patches=kept_patches)
+    return FlopCount(body, embed) if frozen_embed else FlopCount(embed + body)
