@@ -7,7 +7,7 @@ dataclass becomes the section `method.<name>`.
 from __future__ import annotations
 
 from pretrain.config import Config, MethodConfig, check_choice, with_sections
-from pretrain.methods import dino, dit, mae, moco, vae
+from pretrain.methods import dino, dit, mae, moco, rotation, vae
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
 
@@ -19,6 +19,7 @@ METHODS: dict[str, MethodSpec] = {
         dino.SPEC,
         dit.SPEC,
         vae.SPEC,
+        rotation.SPEC,
     )
 }
 

@@ -1,0 +1,147 @@
+"""Rotation prediction (Gidaris, Singh, Komodakis 2018, "Unsupervised Representation Learning by Predicting
+Image Rotations"): every image enters the batch at 0, 90, 180 and 270 degrees, and a head on the encoder
+classifies which of the four rotations it sees. The paper feeds all four rotations of an image in the same
+batch, which it found better than one random rotation per image; so does this method.
+
+The paper's networks are convolutional (NIN, AlexNet, ResNet); here the encoder is the `model.*` ViT and
+the head sees its pooled feature: one linear layer by default, or an MLP (`method.rotation.head_hidden_dim`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, mae_transform
+from pretrain.config import Config, ConfigError, bounded
+from pretrain.flops import FlopCount, mlp_flops
+from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
+from pretrain.methods.base import Method
+from pretrain.methods.spec import MethodSpec
+from pretrain.models.transformer import init_linear_and_norm
+from pretrain.models.vit import VisionTransformer
+from pretrain.visualize import denormalize, image_grid
+
+ROTATIONS = 4  # 0, 90, 180, 270 degrees counter-clockwise
+
+
+@dataclass
+class RotationConfig:
+    """method.rotation"""
+
+    # The head on the pooled feature: 0 = one linear layer, > 0 = an MLP with a hidden layer of this width.
+    head_hidden_dim: int = bounded(0, ge=0)
+    # What the head sees: the cls token | the mean of the patch tokens.
+    pool: Literal["cls", "mean"] = "cls"
+
+
+def rotate_batch(images: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, C, H, W] -> ([4B, C, H, W], labels [4B]): the batch turned by k x 90 degrees counter-clockwise for
+    k = 0, 1, 2, 3, in blocks of B, each image labelled k."""
+    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(ROTATIONS)])
+    labels = torch.arange(ROTATIONS, device=images.device).repeat_interleave(images.shape[0])
+    return rotated, labels
+
+
+def rotation_head(width: int, hidden_dim: int) -> nn.Module:
+    if hidden_dim == 0:
+        return nn.Linear(width, ROTATIONS)
+    return nn.Sequential(nn.Linear(width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, ROTATIONS))
+
+
+class RotationPrediction(Method):
+    num_visuals = 8
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        head_hidden_dim: int = 0,
+        pool: str = "cls",
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = rotation_head(backbone.embed_dim, head_hidden_dim)
+        self.pool = pool
+        self.image_mean, self.image_std = mean, std
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.backbone.init_weights()
+        self.head.apply(init_linear_and_norm)
+
+    def inference_network(self) -> VisionTransformer:
+        return self.backbone
+
+    def transformer_blocks(self) -> list[nn.ModuleList]:
+        return [self.backbone.blocks]
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone.forward_features(images, self.pool))
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        images, labels = rotate_batch(batch["image"])
+        logits = self.logits(images).float()
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+        return {"loss": loss, "rotation_accuracy": accuracy.detach()}
+
+    @torch.no_grad()
+    def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Top row: a few images at each rotation. Bottom row: the same turned back by the *predicted*
+        rotation, framed green where the prediction is right and red where it is wrong: a well-trained
+        model shows an upright, green bottom row."""
+        images = batch["image"][: max(1, self.num_visuals // ROTATIONS)]
+        rotated, labels = rotate_batch(images)
+        predicted = self.logits(rotated).argmax(dim=-1)
+        shown = denormalize(rotated.float(), self.image_mean, self.image_std)
+        undone = torch.stack([torch.rot90(x, -int(k), dims=(1, 2)) for x, k in zip(shown, predicted)])
+        colors = torch.where(
+            (predicted == labels)[:, None], shown.new_tensor([0.0, 0.8, 0.0]), shown.new_tensor([0.9, 0, 0])
+        )
+        framed = undone.expand(-1, 3, -1, -1).clone()
+        for edge in (framed[:, :, :1, :], framed[:, :, -1:, :], framed[:, :, :, :1], framed[:, :, :, -1:]):
+            edge.copy_(colors[:, :, None, None].expand_as(edge))
+        return {"rotation": image_grid(torch.cat([shown.expand(-1, 3, -1, -1), framed]), nrow=len(rotated))}
+
+
+# ---------------------------------------------------------------------- the method's spec
+
+
+def validate(cfg: Config) -> None:
+    validate_vit_backbone(cfg)
+    if cfg.data.local_crops:
+        raise ConfigError(f"data.local_crops: rotation prediction uses one view per image, got {cfg.data.local_crops}")
+
+
+def build(cfg: Config) -> RotationPrediction:
+    rotation = cfg.method.rotation
+    return RotationPrediction(
+        build_vit_backbone(cfg), rotation.head_hidden_dim, rotation.pool, mean=cfg.data.mean, std=cfg.data.std
+    )
+
+
+def train_transform(cfg: Config):
+    """Random resized crop and flip, as the paper's training: the rotations are made on the device."""
+    data = cfg.data
+    return mae_transform(data.image_size, data.crop_scale, data.mean, data.std, data.hflip)
+
+
+def flops(cfg: Config) -> FlopCount:
+    """The encoder and the head on all four rotations of the image."""
+    hidden = cfg.method.rotation.head_hidden_dim
+    head = mlp_flops([vit_width(cfg), hidden, ROTATIONS] if hidden else [vit_width(cfg), ROTATIONS])
+    one = vit_backbone_flops(cfg, cfg.data.image_size) + FlopCount(head)
+    return FlopCount(ROTATIONS * one.trained, ROTATIONS * one.frozen)
+
+
+SPEC = MethodSpec("rotation", RotationConfig, build, train_transform, validate=validate, flops=flops)
