@@ -28,6 +28,10 @@ from typing import Any, Literal
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from kernels.attention import AttentionBackend
 
+# What a ViT's pooled feature is: its cls token or the mean of its patch tokens (models/vit.py, eval.pool,
+# and the methods whose heads read a pooled feature).
+FeaturePool = Literal["cls", "mean"]
+
 
 class ConfigError(ValueError):
     """A configuration problem, always naming the offending key."""
@@ -204,7 +208,7 @@ class EvalConfig:
     batch_size: int = bounded(256, gt=0)
     k: int = bounded(20, gt=0)
     temperature: float = bounded(0.07, gt=0)
-    pool: Literal["mean", "cls"] = "mean"
+    pool: FeaturePool = "mean"
     # Linear probe: base SGD lr; the probe tries 0.1x..10x of it on a held-out split.
     linear_lr: float = bounded(0.1, gt=0)
     linear_sweep: bool = True

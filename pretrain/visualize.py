@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Undo per-channel (x - mean) / std on [N, C, H, W] and clamp to the displayable range 0..1."""
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)

@@ -7,6 +7,7 @@ to data at t = 0 on a uniform (optionally shifted) time grid.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,9 @@ from torch import Tensor, nn
 from pretrain.diffusion.flow import shift_timesteps
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
-SAMPLERS = ("euler", "heun")
+# The one list of samplers; method.dit.sampler and `pretrain sample --sampler` are typed by it.
+Sampler = Literal["euler", "heun"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 
 def combine_guidance(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from kernels.dino_loss import dino_loss, teacher_probabilities
-from pretrain.config import Config, ConfigError, bounded
+from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.distributed import all_reduce_mean
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
@@ -46,7 +45,7 @@ class DINOConfig:
     # The last head layer gets no updates for this many steps (DINO: 1 epoch).
     freeze_last_layer_steps: int = bounded(0, ge=0)
     # The head's input: the cls token (the paper) | the mean of the patch tokens.
-    pool: Literal["cls", "mean"] = "cls"
+    pool: FeaturePool = "cls"
 
 
 class DINO(Method):

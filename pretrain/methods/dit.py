@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from data_pipeline.manifest import Manifest
 from pretrain.config import Config, ConfigError, bounded, check_choice
 from pretrain.diffusion.flow import flow_matching_loss, interpolate, logit_normal_timesteps
-from pretrain.diffusion.sampling import guided_velocity, sample
+from pretrain.diffusion.sampling import Sampler, guided_velocity, sample
 from pretrain.diffusion.transforms import latent_transform, pixel_transform, to_unit
 from pretrain.flops import FlopCount, block_flops, linear_flops, mlp_flops
 from pretrain.methods.base import Method
@@ -58,7 +58,7 @@ class DiTConfig:
     # Sample grids logged every train.vis_every steps.
     sample_steps: int = bounded(50, gt=0)
     sample_cfg_scale: float = bounded(4.0, ge=0)
-    sampler: Literal["euler", "heun"] = "euler"
+    sampler: Sampler = "euler"
 
 
 class RectifiedFlowDiT(Method):

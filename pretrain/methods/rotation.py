@@ -10,14 +10,13 @@ the head sees its pooled feature: one linear layer by default, or an MLP (`metho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, mae_transform
-from pretrain.config import Config, ConfigError, bounded
+from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
@@ -36,7 +35,7 @@ class RotationConfig:
     # The head on the pooled feature: 0 = one linear layer, > 0 = an MLP with a hidden layer of this width.
     head_hidden_dim: int = bounded(0, ge=0)
     # What the head sees: the cls token | the mean of the patch tokens.
-    pool: Literal["cls", "mean"] = "cls"
+    pool: FeaturePool = "cls"
 
 
 def rotate_batch(images: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,16 +6,17 @@ by `init_weights` rather than stored in checkpoints.
 """
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.config import FeaturePool
 from pretrain.models.pos_embed import sincos_pos_embed_2d
 from pretrain.models.transformer import Block, init_linear_and_norm
 
-POOLS = ("cls", "mean")
+POOLS: tuple[str, ...] = get_args(FeaturePool)
 
 # size name -> (embed_dim, depth, num_heads)
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
