@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.ckpt_tools import register as register_ckpt
     from pretrain.diffusion.latents import register as register_latents
     from pretrain.eval.fid import register as register_fid
+    from pretrain.plan.cli import register as register_plan
     from pretrain.sample import register as register_sample
 
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__)
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ckpt(commands)
     register_bench(commands)
     register_launch(commands)
+    register_plan(commands)
     register_sample(commands)
     register_fid(eval_commands)
 
