@@ -1,0 +1,241 @@
+"""`pretrain plan` against real runs: per-rank bytes of a training step measured on CPU with gloo.
+
+For each world size, one `torchrun --standalone --nproc-per-node N` of this file with `--worker`. Each
+rank builds the engine, method and AdamW as the train loop does and runs one training step (forward,
+backward, optimizer step) of a tiny MAE on random images, for each engine in turn, and records:
+
+- parameters, gradients and optimizer state: the bytes of the distinct storages behind this rank's
+  parameters (FSDP2: their local shards), their gradients after backward and the optimizer's state
+  tensors after the step: what the engine really allocated, padding included;
+- activations: the distinct storages autograd saved for backward during forward
+  (torch.autograd.graph.saved_tensors_hooks), parameters and views of them excluded;
+- peak resident memory above the baseline (context only: it includes the allocator and gloo).
+
+The parent plans the same config at the same world size with `pretrain.plan.build.make_plan` and writes
+both side by side to benchmarks/results/plan_calibration_cpu.json.
+
+    python benchmarks/plan_calibration.py                        # world sizes 1-4, fsdp and ddp
+    python benchmarks/plan_calibration.py --world-sizes 2 --engines fsdp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIG = "configs/mae_vit_tiny_digits.toml"
+ENGINES = ("fsdp", "ddp")
+
+
+def overrides(engine: str, batch_size: int) -> list[str]:
+    return [
+        f"engine.kind={engine}",
+        "run.device=cpu",
+        "train.precision=fp32",
+        f"data.batch_size={batch_size}",
+        "tracking.enabled=false",
+    ]
+
+
+# ---------------------------------------------------------------------- the worker (one per rank)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (DTensors: their local shards)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        storage = local.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def saved_activation_bytes(model, batch, parameter_storages: set[int]):
+    """Run forward; return (its output, bytes of the distinct non-parameter storages saved for backward)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        # Parameters, and views of them (a linear saves its weight transposed): FSDP2's all-gathered
+        # weights live outside the sharded storages, so test the tensor, not only the storage.
+        if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in parameter_storages:
+                seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch)
+    return out, sum(seen.values())
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from launch.env import world_from_env
+    from pretrain.config import load_config
+    from pretrain.engines import build_engine
+    from pretrain.methods.registry import build_method
+    from pretrain.optim import build_optimizer
+
+    world = world_from_env()
+    if not world.distributed:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    results = []
+    for engine_name in args.engines.split(","):
+        cfg = load_config(REPO / CONFIG, overrides(engine_name, args.batch_size))
+        engine = build_engine(cfg, world)
+        torch.manual_seed(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        baseline = rss_kib("VmRSS")
+        with engine.init_context():
+            method = build_method(cfg)
+        model, optimizer = engine.setup(
+            method, lambda m: build_optimizer(m, cfg.optim, cfg.optim.base_lr, m.no_weight_decay())
+        )
+        params = [p for p in method.parameters()]
+        param_storages = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in params}
+        size = cfg.data.image_size
+        batch = {"image": torch.randn(cfg.data.batch_size, 3, size, size), "label": torch.zeros(cfg.data.batch_size, dtype=torch.long)}
+        model.train()
+        with engine.accumulate(model, True), engine.autocast():
+            out, activations = saved_activation_bytes(model, batch, param_storages)
+            engine.backward(out["loss"])
+        grads = storage_bytes(p.grad for p in params)
+        engine.clip_grad_norm(model, cfg.optim.grad_clip)
+        optimizer.step()
+        state = storage_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        results.append(
+            {
+                "engine": engine_name,
+                "rank": world.rank,
+                "world_size": world.world_size,
+                "params": storage_bytes(params),
+                "grads": grads,
+                "optimizer": state,
+                "activations": activations,
+                "peak_rss_above_baseline": (rss_kib("VmHWM") - baseline) * 1024,
+            }
+        )
+        optimizer.zero_grad(set_to_none=True)
+        del model, optimizer, method, params, out
+    Path(args.result_dir, f"rank{world.rank}.json").write_text(json.dumps(results) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- the parent
+
+
+def measure(world_size: int, engines: str, batch_size: int, timeout: float) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    with tempfile.TemporaryDirectory(prefix="plan_calibration_") as tmp:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+            str(Path(__file__).resolve()), "--worker", "--result-dir", tmp, "--engines", engines,
+            "--batch-size", str(batch_size),
+        ]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
+        return [row for p in sorted(Path(tmp).glob("rank*.json")) for row in json.loads(p.read_text())]
+
+
+def planned(engine: str, world_size: int, batch_size: int) -> dict:
+    """The plan of the same config at this world size: every rank's state, and activations."""
+    from pretrain.config import load_config
+    from pretrain.plan.build import PlanOptions, make_plan
+
+    cfg = load_config(REPO / CONFIG, overrides(engine, batch_size))
+    return make_plan(cfg, PlanOptions(nodes=1, gpus_per_node=world_size, load_world_sizes=(1,)))
+
+
+def plan_for_rank(plan: dict, rank: int) -> dict:
+    return next(r for r in plan["memory"]["ranks"] if r["ranks"][0] <= rank <= r["ranks"][1])
+
+
+def compare(world_sizes: list[int], engines: str, batch_size: int, timeout: float) -> list[dict]:
+    rows = []
+    for world_size in world_sizes:
+        measured = measure(world_size, engines, batch_size, timeout)
+        plans = {e: planned(e, world_size, batch_size) for e in engines.split(",")}
+        for m in measured:
+            p = plan_for_rank(plans[m["engine"]], m["rank"])
+            rows.append(
+                {
+                    **m,
+                    "planned": {k: p[k] for k in ("params", "grads", "optimizer", "activations", "buffers")},
+                    "activations_measured_over_planned": m["activations"] / p["activations"],
+                }
+            )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-sizes", default="1,2,3,4")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--batch-size", type=int, default=8, help="per rank")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    sys.path.insert(0, str(REPO))
+    from machine import device_info
+
+    rows = compare([int(w) for w in args.world_sizes.split(",")], args.engines, args.batch_size, args.timeout)
+    exact = all(r[k] == r["planned"][k] for r in rows for k in ("params", "grads", "optimizer"))
+    ratios = [r["activations_measured_over_planned"] for r in rows]
+    result = {
+        "benchmark": "plan_calibration",
+        "device": device_info("cpu"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *[os.path.relpath(a, REPO) if a == sys.argv[0] else a for a in sys.argv]]),
+        "config": CONFIG,
+        "overrides": overrides("<engine>", args.batch_size),
+        "state_exact": exact,
+        "activations_measured_over_planned": {"min": min(ratios), "max": max(ratios)},
+        "rows": rows,
+        "notes": "params/grads/optimizer: distinct storages of this rank's parameters, gradients after backward and "
+        "optimizer state after the step; activations: distinct non-parameter storages saved for backward in forward; "
+        "peak_rss_above_baseline includes the allocator, gloo and transient copies (not compared)",
+    }
+    out = Path(args.out) / "plan_calibration_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in rows:
+        p = r["planned"]
+        print(
+            f"W={r['world_size']} rank {r['rank']} {r['engine']}: params {r['params']}/{p['params']}, grads {r['grads']}/"
+            f"{p['grads']}, optimizer {r['optimizer']}/{p['optimizer']} (measured/planned bytes); activations "
+            f"{r['activations']}/{p['activations']} = {r['activations_measured_over_planned']:.3f}"
+        )
+    print(f"state exact: {exact}; activations measured/planned {min(ratios):.3f}-{max(ratios):.3f} -> {out}")
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
