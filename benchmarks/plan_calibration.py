@@ -109,12 +109,15 @@ def worker(args: argparse.Namespace) -> None:
         with engine.init_context():
             method = build_method(cfg)
         model, optimizer = engine.setup(
-            method, lambda m: build_optimizer(m, cfg.optim, cfg.optim.base_lr, m.no_weight_decay())
+            method, lambda m, optim=cfg.optim: build_optimizer(m, optim, optim.base_lr, m.no_weight_decay())
         )
         params = [p for p in method.parameters()]
         param_storages = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in params}
         size = cfg.data.image_size
-        batch = {"image": torch.randn(cfg.data.batch_size, 3, size, size), "label": torch.zeros(cfg.data.batch_size, dtype=torch.long)}
+        batch = {
+            "image": torch.randn(cfg.data.batch_size, 3, size, size),
+            "label": torch.zeros(cfg.data.batch_size, dtype=torch.long),
+        }
         model.train()
         with engine.accumulate(model, True), engine.autocast():
             out, activations = saved_activation_bytes(model, batch, param_storages)
@@ -213,7 +216,9 @@ def main() -> int:
         "device": device_info("cpu"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *[os.path.relpath(a, REPO) if a == sys.argv[0] else a for a in sys.argv]]),
+        "command": " ".join(
+            [Path(sys.executable).name, *[os.path.relpath(a, REPO) if a == sys.argv[0] else a for a in sys.argv]]
+        ),
         "config": CONFIG,
         "overrides": overrides("<engine>", args.batch_size),
         "state_exact": exact,

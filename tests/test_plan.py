@@ -38,8 +38,10 @@ def test_fsdp_shards_match_fully_shard_and_the_closed_form(world):
         state = fsdp_state(first, world, rank, param_bytes=4, grad_bytes=4)
         rows = lambda r: r.shape[0] if r.shape else 1  # noqa: E731
         padded = sum(ceil_div(rows(r), world) * (r.numel // rows(r)) for r in records)
-        local = sum(max(0, min(ceil_div(rows(r), world), rows(r) - rank * ceil_div(rows(r), world))) * (r.numel // rows(r))
-                    for r in records)
+        local = sum(
+            max(0, min(ceil_div(rows(r), world), rows(r) - rank * ceil_div(rows(r), world))) * (r.numel // rows(r))
+            for r in records
+        )
         assert sum(r.padded_local_numel for r in records) == padded
         assert sum(r.local_numel for r in records) == local  # FSDP2's own to_local() shapes
         assert state.params == 4 * padded
@@ -156,7 +158,11 @@ def test_a_64_node_plan_allocates_nothing_of_the_models_size(tmp_path):
     process: Python's allocations (tracemalloc) and the process's peak resident memory (torch's tensors,
     which tracemalloc does not see) grow by far less than the model's fp32 bytes."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tmp_path / "plan.json")], capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, "-c", PROBE, str(tmp_path / "plan.json")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))
@@ -171,3 +177,16 @@ def test_a_64_node_plan_allocates_nothing_of_the_models_size(tmp_path):
         "ddp", "fsdp", "deepspeed ZeRO-1", "deepspeed ZeRO-2", "deepspeed ZeRO-3"
     ]  # fmt: skip
     assert all(p["world"]["world_size"] == 512 for p in plans)
+
+
+def test_launch_slurm_plan_refuses_to_submit_a_job_that_does_not_fit(tmp_path, capsys):
+    args = [
+        "launch", "slurm", str(REPO / "configs/dit_xl2.toml"), "--nodes", "1", "--gpus-per-node", "8", "--dry-run",
+        "--plan", "--device", "A100-40", "--plan-out", str(tmp_path / "plan.json"), "--set", f"run.output_dir={tmp_path}",
+    ]  # fmt: skip
+    assert main([*args, "--set", "data.batch_size=512", "--fail-over-memory"]) == 3
+    out = capsys.readouterr()
+    assert "#!/bin/bash" not in out.out and "not submitted" in out.err and "ranks 0-" in out.err
+    assert main(args) == 0  # batch 32 fits: the plan, then the script
+    out = capsys.readouterr().out
+    assert out.index("memory per rank") < out.index("#!/bin/bash")

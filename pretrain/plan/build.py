@@ -36,7 +36,11 @@ class PlanOptions:
                 raise ConfigError(f"{flag}: must be >= 1, got {value}")
         if not 0 < self.mfu <= 1:
             raise ConfigError(f"--mfu: must be in (0, 1], got {self.mfu}")
-        for flag, value in [("--intra-gbps", self.intra_gbps), ("--inter-gbps", self.inter_gbps), ("--decode-rate", self.decode_rate)]:
+        for flag, value in [
+            ("--intra-gbps", self.intra_gbps),
+            ("--inter-gbps", self.inter_gbps),
+            ("--decode-rate", self.decode_rate),
+        ]:
             if value <= 0:
                 raise ConfigError(f"{flag}: must be > 0, got {value}")
         if device_memory_bytes(self.device) is None or peak_flops(self.device) is None:
@@ -57,7 +61,9 @@ def engine_label(cfg: Config) -> str:
     return f"deepspeed ZeRO-{cfg.engine.zero_stage}" if kind == "deepspeed" else kind
 
 
-def rank_states(cfg: Config, records: list, world: int, param_bytes: int) -> list[tuple[int, int, state_memory.RankState]]:
+def rank_states(
+    cfg: Config, records: list, world: int, param_bytes: int
+) -> list[tuple[int, int, state_memory.RankState]]:
     """(first rank, last rank, state) for each run of ranks that hold the same bytes. FSDP's shards are
     uneven (torch.chunk of dim 0): a rank's bytes change only where some parameter's shard shrinks, and
     never grow with the rank, so rank 0 is the largest. ZeRO partitions and replicas are equal on every rank."""
@@ -120,11 +126,15 @@ def make_plan(cfg: Config, options: PlanOptions) -> dict:
     accum, micro = cfg.optim.accum_steps, cfg.data.batch_size
     kind = cfg.engine.kind
     if kind == "single" and world > 1:
-        raise ConfigError(f"engine.kind: 'single' runs one process, but the plan has {world} ranks; choose ddp, fsdp or deepspeed")
+        raise ConfigError(
+            f"engine.kind: 'single' runs one process, but the plan has {world} ranks; choose ddp, fsdp or deepspeed"
+        )
 
     if kind == "fsdp":
         records = fake_world.fsdp_records(cfg, world, rank=0)
-        sharding = "FSDP2 fully_shard per block and at the root, applied under a fake process group (torch 'fake' backend)"
+        sharding = (
+            "FSDP2 fully_shard per block and at the root, applied under a fake process group (torch 'fake' backend)"
+        )
     else:
         records = fake_world.replicated_records(cfg)
         sharding = (
@@ -143,8 +153,15 @@ def make_plan(cfg: Config, options: PlanOptions) -> dict:
     ranks = []
     for first, last, state in states:
         total = state.persistent + state.buffers + activations
-        ranks.append({"ranks": [first, last], **state.as_dict(), "activations": activations, "total": total,
-                      "fits": total <= capacity})
+        ranks.append(
+            {
+                "ranks": [first, last],
+                **state.as_dict(),
+                "activations": activations,
+                "total": total,
+                "fits": total <= capacity,
+            }
+        )
     worst = max(ranks, key=lambda r: r["total"])
 
     flops = flops_per_sample(cfg)
@@ -152,8 +169,9 @@ def make_plan(cfg: Config, options: PlanOptions) -> dict:
     transfers, exposed = engine_transfers(cfg, records, world, param_bytes)
     step = timing.step_bound(compute, transfers, exposed, world, options)
     one_node = options.gpus_per_node
-    node_step = timing.step_bound(compute, *engine_transfers(cfg, records, one_node, param_bytes), one_node,
-                                  replace(options, nodes=1))
+    node_step = timing.step_bound(
+        compute, *engine_transfers(cfg, records, one_node, param_bytes), one_node, replace(options, nodes=1)
+    )
     scaling = timing.scaling(compute, node_step, step)
     images_per_step = micro * accum * world
     images_per_node = images_per_step / step["step_seconds"] / options.nodes
@@ -161,14 +179,28 @@ def make_plan(cfg: Config, options: PlanOptions) -> dict:
     return {
         "mfu": options.mfu,
         "options": {k: v for k, v in vars(options).items()},
-        "config": {"method": cfg.method.name, "engine": engine_label(cfg), "precision": precision,
-                   "activation_checkpointing": cfg.engine.activation_checkpointing,
-                   "micro_batch": micro, "accum_steps": accum, "global_batch": images_per_step},
-        "world": {"nodes": options.nodes, "gpus_per_node": options.gpus_per_node, "world_size": world,
-                  "device": options.device, "device_memory_bytes": capacity},
+        "config": {
+            "method": cfg.method.name,
+            "engine": engine_label(cfg),
+            "precision": precision,
+            "activation_checkpointing": cfg.engine.activation_checkpointing,
+            "micro_batch": micro,
+            "accum_steps": accum,
+            "global_batch": images_per_step,
+        },
+        "world": {
+            "nodes": options.nodes,
+            "gpus_per_node": options.gpus_per_node,
+            "world_size": world,
+            "device": options.device,
+            "device_memory_bytes": capacity,
+        },
         "sharding": sharding,
-        "parameters": {"total": sum(r.numel for r in records), "trained": sum(r.numel for r in records if r.requires_grad),
-                       "tensors": len(records)},
+        "parameters": {
+            "total": sum(r.numel for r in records),
+            "trained": sum(r.numel for r in records if r.requires_grad),
+            "tensors": len(records),
+        },
         "memory": {
             "ranks": ranks,
             "worst_ranks": worst["ranks"],

@@ -12,21 +12,47 @@ from pretrain.config import ConfigError, load_config
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `pretrain plan` and `pretrain launch slurm --plan`."""
-    parser.add_argument("--device", default="H100", help="H100 (80 GB), H200 (141 GB), A100-40 or A100-80 (default H100)")
-    parser.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilization assumed for compute (default 0.5)")
-    parser.add_argument("--intra-gbps", type=float, default=3600.0,
-                        help="per-GPU bandwidth inside a node, Gb/s one direction (default 3600: NVLink 4, 450 GB/s)")
-    parser.add_argument("--inter-gbps", type=float, default=400.0,
-                        help="per-GPU bandwidth between nodes, Gb/s (default 400: one InfiniBand NDR NIC per GPU)")
-    parser.add_argument("--decode-rate", type=float, default=None,
-                        help="images/s one CPU core decodes and augments (default 300, PIL on a 500x375 JPEG)")
-    parser.add_argument("--load-world-sizes", default="",
-                        help="comma-separated world sizes to check checkpoint loading at (default: half and double)")
-    parser.add_argument("--engines", default="",
-                        help="comma-separated engines to plan: ddp, fsdp, zero1, zero2, zero3 or all (default: the config's)")
+    parser.add_argument(
+        "--device", default="H100", help="H100 (80 GB), H200 (141 GB), A100-40 or A100-80 (default H100)"
+    )
+    parser.add_argument(
+        "--mfu", type=float, default=0.5, help="model FLOPs utilization assumed for compute (default 0.5)"
+    )
+    parser.add_argument(
+        "--intra-gbps",
+        type=float,
+        default=3600.0,
+        help="per-GPU bandwidth inside a node, Gb/s one direction (default 3600: NVLink 4, 450 GB/s)",
+    )
+    parser.add_argument(
+        "--inter-gbps",
+        type=float,
+        default=400.0,
+        help="InfiniBand bandwidth per GPU, Gb/s: the node's NIC bandwidth / GPUs per node "
+        "(default 400: one NDR NIC per GPU)",
+    )
+    parser.add_argument(
+        "--decode-rate",
+        type=float,
+        default=None,
+        help="images/s one CPU core decodes and augments (default 300, PIL on a 500x375 JPEG)",
+    )
+    parser.add_argument(
+        "--load-world-sizes",
+        default="",
+        help="comma-separated world sizes to check checkpoint loading at (default: half and double)",
+    )
+    parser.add_argument(
+        "--engines",
+        default="",
+        help="comma-separated engines to plan: ddp, fsdp, zero1, zero2, zero3 or all (default: the config's)",
+    )
     parser.add_argument("--plan-out", default="", help="plan JSON path (default: next to the run directory)")
-    parser.add_argument("--fail-over-memory", action="store_true",
-                        help="exit 3 when a rank would not fit in device memory, naming the ranks and bytes")
+    parser.add_argument(
+        "--fail-over-memory",
+        action="store_true",
+        help="exit 3 when a rank would not fit in device memory, naming the ranks and bytes",
+    )
 
 
 def plan_options(args: argparse.Namespace, nodes: int, gpus_per_node: int):
@@ -35,7 +61,9 @@ def plan_options(args: argparse.Namespace, nodes: int, gpus_per_node: int):
     try:
         sizes = tuple(int(x) for x in args.load_world_sizes.split(",") if x.strip())
     except ValueError:
-        raise ConfigError(f"--load-world-sizes: expected comma-separated integers, got '{args.load_world_sizes}'") from None
+        raise ConfigError(
+            f"--load-world-sizes: expected comma-separated integers, got '{args.load_world_sizes}'"
+        ) from None
     if any(n < 1 for n in sizes):
         raise ConfigError(f"--load-world-sizes: world sizes must be >= 1, got '{args.load_world_sizes}'")
     rate = args.decode_rate if args.decode_rate is not None else DEFAULT_DECODE_RATE
@@ -92,7 +120,9 @@ def run_plan(config: str, overrides: list[str], args: argparse.Namespace, nodes:
     world = nodes * gpus_per_node
     engine_sets = engine_overrides(args.engines, cfg, world)
     if cfg.engine.kind == "single" and world > 1 and not args.engines:
-        print(f"plan: engine.kind is 'single', which runs one process; planning every distributed engine at {world} ranks")
+        print(
+            f"plan: engine.kind is 'single', which runs one process; planning every distributed engine at {world} ranks"
+        )
     plans = [make_plan(load_config(config, [*overrides, *extra]), options) for extra in engine_sets]
     path = Path(args.plan_out) if args.plan_out else default_plan_path(cfg, nodes, gpus_per_node, options.device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +141,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    plan = commands.add_parser("plan", help="plan a job at N nodes x G GPUs in one CPU process: memory, communication, step time")
+    plan = commands.add_parser(
+        "plan", help="plan a job at N nodes x G GPUs in one CPU process: memory, communication, step time"
+    )
     plan.add_argument("config", help="TOML file, e.g. configs/mae_vit_b16.toml")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--nodes", type=int, required=True)

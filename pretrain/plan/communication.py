@@ -81,7 +81,9 @@ def fsdp_transfers(
             accum * block_gathers * trained * param_bytes,
             True,
         ),
-        Transfer("frozen blocks that run forward (momentum/teacher)", "all_gather", accum * frozen_run * param_bytes, True),
+        Transfer(
+            "frozen blocks that run forward (momentum/teacher)", "all_gather", accum * frozen_run * param_bytes, True
+        ),
         Transfer("gradients (fp32 reduce_dtype)", "reduce_scatter", grads * 4, True),
     ]
 
@@ -103,7 +105,9 @@ def zero_transfers(
         ]
     frozen_run = sum(r.numel for r in records if not r.requires_grad) if averaged_runs else 0
     return [
-        Transfer("parameters (forward + backward)", "all_gather", accum * (2 * trained + frozen_run) * param_bytes, True),
+        Transfer(
+            "parameters (forward + backward)", "all_gather", accum * (2 * trained + frozen_run) * param_bytes, True
+        ),
         Transfer("gradients", "reduce_scatter", accum * trained * param_bytes, True),
     ]
 

@@ -98,7 +98,8 @@ def moco_activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, in
     projector = dim * act + 2 * (mlp * act + _global_bn(mlp) + mlp * act) + mlp * act + _global_bn(proj)
     predictor = proj * act + _global_bn(mlp) + 2 * mlp * act
     return {
-        "backbone blocks": 2 * blocks_bytes(vit_block(tokens, dim, heads, act), tokens * dim * act, depth, checkpointing),
+        "backbone blocks": 2
+        * blocks_bytes(vit_block(tokens, dim, heads, act), tokens * dim * act, depth, checkpointing),
         "patch embedding input": 0 if moco.freeze_patch_embed else 2 * model.in_chans * data.image_size**2 * act,
         "final norm": 2 * _layer_norm(tokens, dim, act),
         "projector and predictor": 2 * (projector + predictor),
@@ -113,15 +114,15 @@ def dino_activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, in
     dim, depth, heads = _vit(cfg)
     views = [(data.image_size // model.patch_size) ** 2 + 1] * 2
     views += [(data.local_crop_size // model.patch_size) ** 2 + 1] * data.local_crops
-    block_total = sum(
-        blocks_bytes(vit_block(t, dim, heads, act), t * dim * act, depth, checkpointing) for t in views
-    )
+    block_total = sum(blocks_bytes(vit_block(t, dim, heads, act), t * dim * act, depth, checkpointing) for t in views)
     hidden_layers = dino.head_layers - 1
     head = (dim + hidden_layers * 3 * dino.hidden_dim + 2 * dino.bottleneck_dim) * act
     logits = dino.out_dim * (act + 2 * STAT)  # logits, and the fp32 log-softmax the cross-entropy keeps
     return {
         "backbone blocks": block_total,
-        "patch embedding inputs": model.in_chans * (2 * data.image_size**2 + data.local_crops * data.local_crop_size**2) * act,
+        "patch embedding inputs": model.in_chans
+        * (2 * data.image_size**2 + data.local_crops * data.local_crop_size**2)
+        * act,
         "final norms": sum(_layer_norm(t, dim, act) for t in views),
         "head (MLP, bottleneck, prototypes)": len(views) * (head + logits),
     }

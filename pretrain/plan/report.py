@@ -52,13 +52,19 @@ def format_plan(plan: dict) -> str:
             )
     lines += [
         "",
-        f"step time lower bound at MFU {plan.get('mfu', 0):.2f}, {s['link']} {s['link_gbps']:.0f} Gb/s per GPU",
+        f"step time lower bound at MFU {plan.get('mfu', 0):.2f}, {s['link']}: bus bandwidth {s['link_gbps']:.0f} Gb/s per GPU",
         f"  compute {s['compute_seconds'] * 1e3:.1f} ms, communication {s['communication_seconds'] * 1e3:.1f} ms "
         f"(exposed {s['exposed_communication_seconds'] * 1e3:.1f} ms): step >= {s['step_seconds'] * 1e3:.1f} ms, "
         f"{s['bound_by']}-bound",
         f"  scaling efficiency vs 1 GPU: at most {sc['vs_one_gpu_at_most']:.1%} "
-        f"({sc['vs_one_gpu_no_overlap']:.1%} if nothing overlaps); 1 node: at most {sc['one_node_vs_one_gpu_at_most']:.1%}; "
-        f"1 node -> {w['nodes']}: at most {sc['nodes_vs_one_node_at_most']:.1%}",
+        f"({sc['vs_one_gpu_no_overlap']:.1%} if nothing overlaps; 90% needs "
+        f"{_overlap(sc['overlap_needed_for_90_percent'])} of the overlappable communication hidden)"
+        + (
+            f"; 1 node: at most {sc['one_node_vs_one_gpu_at_most']:.1%}; "
+            f"1 node -> {w['nodes']}: at most {sc['nodes_vs_one_node_at_most']:.1%}"
+            if w["nodes"] > 1
+            else ""
+        ),
         "",
         f"checkpoint ({ck['format']}): {gib(ck['bytes_total'])} in all, "
         f"{gib(ck['bytes_per_rank_min'])}-{gib(ck['bytes_per_rank_max'])} per rank",
@@ -90,6 +96,10 @@ def over_memory(plan: dict) -> list[str]:
     ]
 
 
+def _overlap(fraction: float | None) -> str:
+    return "unreachable" if fraction is None else f"{fraction:.0%}"
+
+
 def format_summary(plans: list[dict]) -> str:
     """One row per engine: does it fit, what bounds its step, how well it can scale."""
     w = plans[0]["world"]
@@ -99,7 +109,8 @@ def format_summary(plans: list[dict]) -> str:
         f"batch {c['micro_batch']}/rank x {c['accum_steps']} = {c['global_batch']} per step, {c['precision']}, "
         f"MFU {plans[0]['mfu']:.2f}",
         f"  {'engine':<20}{'largest rank':>14}{'of which state':>16}{'activations':>13}  fits{'step >=':>11}  "
-        f"{'bound by':<14}{'eff. vs 1 GPU':>14}{'1 node -> N':>13}",
+        f"{'bound by':<15}{'efficiency vs 1 GPU: at most':>29}{'no overlap':>12}{'overlap for 90%':>17}"
+        + (f"{'1 node -> N':>13}" if w["nodes"] > 1 else ""),
     ]
     for plan in plans:
         worst = max(plan["memory"]["ranks"], key=lambda r: r["total"])
@@ -107,6 +118,8 @@ def format_summary(plans: list[dict]) -> str:
         lines.append(
             f"  {plan['config']['engine']:<20}{gib(worst['total']):>14}{gib(worst['persistent']):>16}"
             f"{gib(worst['activations']):>13}  {'yes ' if worst['fits'] else 'NO  '}{s['step_seconds'] * 1e3:>8.1f} ms  "
-            f"{s['bound_by']:<14}{sc['vs_one_gpu_at_most']:>14.1%}{sc['nodes_vs_one_node_at_most']:>13.1%}"
+            f"{s['bound_by']:<15}{sc['vs_one_gpu_at_most']:>29.1%}{sc['vs_one_gpu_no_overlap']:>12.1%}"
+            f"{_overlap(sc['overlap_needed_for_90_percent']):>17}"
+            + (f"{sc['nodes_vs_one_node_at_most']:>13.1%}" if w["nodes"] > 1 else "")
         )
     return "\n".join(lines)

@@ -103,12 +103,12 @@ def replicated_state(records: list[ParamRecord], ddp: bool) -> RankState:
     grads = sum(r.numel for r in trained) * FP32
     optimizer = sum(r.numel * ADAM_STATE + ADAM_STEP for r in trained)
     buffers = grads if ddp else 0  # DDP's gradient buckets (gradient_as_bucket_view is off)
-    return RankState(params, grads, optimizer, buffers, "DDP gradient buckets: a second fp32 gradient copy" if ddp else "")
+    return RankState(
+        params, grads, optimizer, buffers, "DDP gradient buckets: a second fp32 gradient copy" if ddp else ""
+    )
 
 
-def zero_state(
-    records: list[ParamRecord], world: int, stage: int, param_bytes: int, bucket_elements: int
-) -> RankState:
+def zero_state(records: list[ParamRecord], world: int, stage: int, param_bytes: int, bucket_elements: int) -> RankState:
     """DeepSpeed ZeRO `stage` per rank from its documented rules (module docstring); equal on every rank."""
     trained = [r for r in records if r.requires_grad]
     frozen_numel = sum(r.numel for r in records if not r.requires_grad)

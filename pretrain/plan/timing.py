@@ -2,9 +2,12 @@
 
 Compute: the analytic training FLOPs of the step's samples (pretrain/flops.py), plus one more forward of
 the trained parts when activation checkpointing recomputes them, at `mfu` x the device's dense bf16 peak.
-Communication: each transfer's ring "wire" bytes at the link's nominal bandwidth, no latency: NVLink
-within one node, and the per-GPU InfiniBand NIC once the ring crosses nodes (every ring then has a hop
-between nodes per GPU). Both are optimistic, so the step bound is a lower bound:
+Communication: each transfer's ring "wire" bytes per rank at a bus bandwidth, from nominal link rates
+and no latency. Within one node that is NVLink's per-GPU rate. Across nodes NCCL runs one ring (channel)
+per NIC, each carrying 1/G of the data and crossing every node boundary once, so a node's G NICs together
+carry what one GPU sends: the bus bandwidth is min(NVLink, G x the InfiniBand bandwidth per GPU) (a
+rail-optimized fabric, one NIC per GPU; give --inter-gbps as the node's NIC bandwidth / G otherwise).
+Both are optimistic, so the step bound is a lower bound:
 
     step >= max(compute + exposed communication, all communication)
 
@@ -31,7 +34,8 @@ def compute_seconds(flops: dict[str, float] | None, cfg: Config, options) -> flo
 
 
 def link_bytes_per_second(nodes: int, options) -> float:
-    gbps = options.intra_gbps if nodes == 1 else min(options.intra_gbps, options.inter_gbps)
+    """Bus bandwidth of a collective over all ranks (see the module docstring), bytes/s."""
+    gbps = options.intra_gbps if nodes == 1 else min(options.intra_gbps, options.gpus_per_node * options.inter_gbps)
     return gbps * 1e9 / 8
 
 
@@ -49,15 +53,34 @@ def step_bound(compute: float, transfers: list, exposed: dict[str, int], world: 
         "communication_seconds": comm,
         "exposed_communication_seconds": exposed_s,
         "step_seconds": step,
-        "bound_by": "compute" if compute >= comm else "communication",
+        "bound_by": "communication"
+        if comm > compute + exposed_s
+        else "compute"
+        if exposed_s < 0.05 * step
+        else "compute+exposed",
         "link_gbps": bandwidth * 8 / 1e9,
-        "link": "NVLink (intra-node)" if options.nodes == 1 else "InfiniBand (inter-node, per GPU)",
+        "link": "NVLink (one node)" if options.nodes == 1 else "NVLink + InfiniBand (rings across nodes)",
     }
+
+
+def overlap_needed(compute: float, step: dict, target: float = 0.9) -> float | None:
+    """Fraction of the overlappable communication that must hide behind compute for scaling efficiency
+    `target` against one GPU; None when no overlap can reach it (the step must fit in compute / target,
+    and all communication, and compute plus the exposed part, take longer than that)."""
+    budget = compute / target
+    exposed = step["exposed_communication_seconds"]
+    overlappable = step["communication_seconds"] - exposed
+    if step["communication_seconds"] > budget or compute + exposed > budget:
+        return None
+    if overlappable <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - (budget - compute - exposed) / overlappable))
 
 
 def scaling(compute: float, node_step: dict, step: dict) -> dict:
     no_overlap = compute / (compute + step["communication_seconds"])
     return {
+        "overlap_needed_for_90_percent": overlap_needed(compute, step),
         "vs_one_gpu_at_most": compute / step["step_seconds"],
         "vs_one_gpu_no_overlap": no_overlap,
         "one_node_vs_one_gpu_at_most": compute / node_step["step_seconds"],
