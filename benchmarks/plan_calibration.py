@@ -14,7 +14,7 @@ backward, optimizer step) of a tiny MAE on random images, for each engine in tur
 The parent plans the same config at the same world size with `pretrain.plan.build.make_plan` and writes
 both side by side to benchmarks/results/plan_calibration_cpu.json.
 
-    python benchmarks/plan_calibration.py                        # world sizes 1-4, fsdp and ddp
+    python benchmarks/plan_calibration.py                        # world sizes 1-4, fsdp, ddp, ZeRO-1/2/3
     python benchmarks/plan_calibration.py --world-sizes 2 --engines fsdp
 """
 
@@ -35,12 +35,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = "configs/mae_vit_tiny_digits.toml"
-ENGINES = ("fsdp", "ddp")
+ENGINES = ("fsdp", "ddp", "zero1", "zero2", "zero3")
+STATE = ("params", "grads", "optimizer")
 
 
 def overrides(engine: str, batch_size: int) -> list[str]:
+    """Config overrides of one engine name: fsdp, ddp, or zero1/zero2/zero3 (DeepSpeed)."""
+    kind = (
+        ["engine.kind=deepspeed", f"engine.zero_stage={engine[-1]}"]
+        if engine.startswith("zero")
+        else [f"engine.kind={engine}"]
+    )
     return [
-        f"engine.kind={engine}",
+        *kind,
         "run.device=cpu",
         "train.precision=fp32",
         f"data.batch_size={batch_size}",
@@ -79,6 +86,22 @@ def saved_activation_bytes(model, batch, parameter_storages: set[int]):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(batch)
     return out, sum(seen.values())
+
+
+def zero_state_bytes(engine, optimizer, params) -> dict:
+    """DeepSpeed after its step: parameters (stage 1/2: the module's weights, views into its flat
+    buffers; stage 3: each rank's partitions plus the small parameters it keeps gathered) and optimizer
+    state (the fp32 master partitions and torch AdamW's state over them). Gradients are not compared:
+    DeepSpeed reduces them into its own buckets and partitions and frees them in the step."""
+    engine.optimizer_step(optimizer)
+    zero = engine.ds.optimizer
+    if engine.stage == 3:
+        weights = [p.ds_tensor for p in params] + [p.data for p in params if p.data.numel() > 0]
+        master = zero.fp32_partitioned_groups_flat
+    else:
+        weights, master = params, zero.single_partition_of_fp32_groups
+    adam = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {"params": storage_bytes(weights), "optimizer": storage_bytes([*master, *adam])}
 
 
 def rss_kib(field: str) -> int:
@@ -122,18 +145,20 @@ def worker(args: argparse.Namespace) -> None:
         with engine.accumulate(model, True), engine.autocast():
             out, activations = saved_activation_bytes(model, batch, param_storages)
             engine.backward(out["loss"])
-        grads = storage_bytes(p.grad for p in params)
-        engine.clip_grad_norm(model, cfg.optim.grad_clip)
-        optimizer.step()
-        state = storage_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        if engine_name.startswith("zero"):
+            measured = zero_state_bytes(engine, optimizer, params)
+        else:
+            grads = storage_bytes(p.grad for p in params)
+            engine.clip_grad_norm(model, cfg.optim.grad_clip)
+            optimizer.step()
+            state = storage_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+            measured = {"params": storage_bytes(params), "grads": grads, "optimizer": state}
         results.append(
             {
                 "engine": engine_name,
                 "rank": world.rank,
                 "world_size": world.world_size,
-                "params": storage_bytes(params),
-                "grads": grads,
-                "optimizer": state,
+                **measured,
                 "activations": activations,
                 "peak_rss_above_baseline": (rss_kib("VmHWM") - baseline) * 1024,
             }
@@ -149,7 +174,13 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def measure(world_size: int, engines: str, batch_size: int, timeout: float) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_MMAP_THRESHOLD_": "1048576",
+        "DS_ACCELERATOR": "cpu",
+    }
     with tempfile.TemporaryDirectory(prefix="plan_calibration_") as tmp:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
@@ -185,6 +216,7 @@ def compare(world_sizes: list[int], engines: str, batch_size: int, timeout: floa
             rows.append(
                 {
                     **m,
+                    "compared": [k for k in STATE if k in m],
                     "planned": {k: p[k] for k in ("params", "grads", "optimizer", "activations", "buffers")},
                     "activations_measured_over_planned": m["activations"] / p["activations"],
                 }
@@ -209,7 +241,7 @@ def main() -> int:
     from machine import device_info
 
     rows = compare([int(w) for w in args.world_sizes.split(",")], args.engines, args.batch_size, args.timeout)
-    exact = all(r[k] == r["planned"][k] for r in rows for k in ("params", "grads", "optimizer"))
+    exact = all(r[k] == r["planned"][k] for r in rows for k in r["compared"])
     ratios = [r["activations_measured_over_planned"] for r in rows]
     result = {
         "benchmark": "plan_calibration",
@@ -233,9 +265,9 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
         p = r["planned"]
+        state = ", ".join(f"{k} {r[k]}/{p[k]}" for k in r["compared"])
         print(
-            f"W={r['world_size']} rank {r['rank']} {r['engine']}: params {r['params']}/{p['params']}, grads {r['grads']}/"
-            f"{p['grads']}, optimizer {r['optimizer']}/{p['optimizer']} (measured/planned bytes); activations "
+            f"W={r['world_size']} rank {r['rank']} {r['engine']}: {state} (measured/planned bytes); activations "
             f"{r['activations']}/{p['activations']} = {r['activations_measured_over_planned']:.3f}"
         )
     print(f"state exact: {exact}; activations measured/planned {min(ratios):.3f}-{max(ratios):.3f} -> {out}")

@@ -59,28 +59,29 @@ def _even_model(world: int) -> list[ParamRecord]:
 @pytest.mark.parametrize("world", WORLDS)
 def test_zero_stages_follow_the_zero_paper(world):
     """Psi elements, bf16 (2 bytes), K = 12: stage 1 2Psi + 2Psi + 12Psi/N; stage 2 2Psi + (2 + 12)Psi/N;
-    stage 3 (2 + 2 + 12)Psi/N."""
+    stage 3 (2 + 2 + 12)Psi/N (plus a 4-byte Adam step per parameter group)."""
     records = _even_model(world)
     psi = sum(r.numel for r in records)
     s1, s2, s3 = (zero_state(records, world, stage, param_bytes=2, bucket_elements=0) for stage in (1, 2, 3))
-    assert (s1.params, s1.grads, s1.optimizer) == (2 * psi, 2 * psi, 12 * psi // world)
-    assert (s2.params, s2.grads, s2.optimizer) == (2 * psi, 2 * psi // world, 12 * psi // world)
-    assert (s3.params, s3.grads, s3.optimizer) == (2 * psi // world, 2 * psi // world, 12 * psi // world)
+    steps = 2 * 4  # torch AdamW's step of each of the two parameter groups (decay, no decay)
+    assert (s1.params, s1.grads, s1.optimizer) == (2 * psi, 2 * psi, 12 * psi // world + steps)
+    assert (s2.params, s2.grads, s2.optimizer) == (2 * psi, 2 * psi // world, 12 * psi // world + steps)
+    assert (s3.params, s3.grads, s3.optimizer) == (2 * psi // world, 2 * psi // world, 12 * psi // world + steps)
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_zero_padding_on_a_real_model(world):
     """ZeRO-1/2 pad each optimizer group to a multiple of 2W; ZeRO-3 pads each parameter to a multiple of W
-    and keeps parameters of <= 1e5 elements whole besides."""
+    and keeps parameters of <= 1e5 elements gathered besides, in a buffer of W partitions."""
     records = replicated_records(load_config(TINY_MAE))
     groups = [sum(r.numel for r in records if r.decay), sum(r.numel for r in records if not r.decay)]
     partition = sum(ceil_div(g, 2 * world) * 2 for g in groups)
     s2 = zero_state(records, world, 2, param_bytes=2, bucket_elements=0)
-    assert s2.optimizer == 12 * partition and s2.grads == 2 * partition
+    assert s2.optimizer == 12 * partition + 8 and s2.grads == 2 * partition
     s3 = zero_state(records, world, 3, param_bytes=2, bucket_elements=0)
-    small = sum(r.numel for r in records if r.numel <= 100_000)
+    small = sum(ceil_div(r.numel, world) * world for r in records if r.numel <= 100_000)  # gathered, padded
     assert s3.params == 2 * (sum(ceil_div(r.numel, world) for r in records) + small)
-    assert s3.optimizer == 12 * sum(ceil_div(r.numel, world) for r in records)
+    assert s3.optimizer == 12 * sum(ceil_div(r.numel, world) for r in records) + 8
 
 
 def test_ddp_and_checkpoint_bytes_are_the_whole_state():

@@ -10,14 +10,16 @@ real tensors into its buffers), so ZeRO is computed from DeepSpeed's documented 
 (Rajbhandari et al. 2020, "ZeRO", and DeepSpeed's zero_optimization docs), with the settings our
 engine gives it (pretrain/engines/zero.py: buckets of at most an eighth of the model):
   - optimizer state K = 12 bytes per trainable element (fp32 master copy + Adam's two moments), in
-    every stage and at every precision (DeepSpeed keeps a separate fp32 partition even for fp32);
+    every stage and at every precision (DeepSpeed keeps a separate fp32 partition even for fp32), plus
+    torch AdamW's 4-byte step per parameter group;
   - stage 1: parameters and gradients whole on every rank; stage 2: gradients partitioned;
     stage 3: parameters partitioned too;
   - stages 1/2 flatten each optimizer parameter group and pad it to a multiple of 2 x W elements
     (nccl_start_alignment_factor 2) before splitting it into W equal partitions; stage 3 partitions
     each parameter separately, padded to a multiple of W;
   - stage 3 keeps parameters of at most stage3_param_persistence_threshold (default 1e5) elements
-    gathered after their first use: whole on every rank, besides their partition.
+    gathered after their first use: whole on every rank, besides their partition, in the all-gather
+    buffer of W partitions (ceil(n / W) x W elements; measured, benchmarks/plan_calibration.py).
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def zero_state(records: list[ParamRecord], world: int, stage: int, param_bytes: 
     """DeepSpeed ZeRO `stage` per rank from its documented rules (module docstring); equal on every rank."""
     trained = [r for r in records if r.requires_grad]
     frozen_numel = sum(r.numel for r in records if not r.requires_grad)
+    # torch AdamW steps ZeRO's flat fp32 partitions: one scalar step per (non-empty) parameter group
+    steps = ADAM_STEP * len({r.decay for r in trained})
     if stage in (1, 2):
         partition = sum(
             ceil_div(ceil_div(group, ZERO_ALIGNMENT * world) * ZERO_ALIGNMENT * world, world)
@@ -121,15 +125,17 @@ def zero_state(records: list[ParamRecord], world: int, stage: int, param_bytes: 
         trained_numel = sum(r.numel for r in trained)
         params = (trained_numel + frozen_numel) * param_bytes
         grads = (trained_numel if stage == 1 else partition) * param_bytes
-        optimizer = partition * ZERO_K
+        optimizer = partition * ZERO_K + steps
         buffers = bucket_elements * param_bytes
         note = "one gradient reduce bucket (reduce_bucket_size elements)"
     else:
         params = sum(ceil_div(r.numel, world) for r in records) * param_bytes
-        persistent = sum(r.numel for r in records if r.numel <= ZERO3_PERSISTENCE_THRESHOLD) * param_bytes
+        # gathered into an all-gather buffer of W partitions: ceil(n / W) x W elements
+        small = [r for r in records if r.numel <= ZERO3_PERSISTENCE_THRESHOLD]
+        persistent = sum(ceil_div(r.numel, world) * world for r in small) * param_bytes
         params += persistent
         grads = sum(ceil_div(r.numel, world) for r in trained) * param_bytes
-        optimizer = sum(ceil_div(r.numel, world) for r in trained) * ZERO_K
+        optimizer = sum(ceil_div(r.numel, world) for r in trained) * ZERO_K + steps
         buffers = 2 * bucket_elements * param_bytes
         note = "prefetch bucket of gathered parameters + gradient reduce bucket"
     return RankState(params, grads, optimizer, buffers, note)
