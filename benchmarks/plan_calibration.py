@@ -12,7 +12,9 @@ backward, optimizer step) of a tiny MAE on random images, for each engine in tur
 - peak resident memory above the baseline (context only: it includes the allocator and gloo).
 
 The parent plans the same config at the same world size with `pretrain.plan.build.make_plan` and writes
-both side by side to benchmarks/results/plan_calibration_cpu.json.
+both side by side to benchmarks/results/plan_calibration_cpu.json. It also measures the saved activations
+of every method's forward (MAE, MoCo v3, DINO, DiT; tiny digits configs, one process) against the
+planner's closed forms.
 
     python benchmarks/plan_calibration.py                        # world sizes 1-4, fsdp, ddp, ZeRO-1/2/3
     python benchmarks/plan_calibration.py --world-sizes 2 --engines fsdp
@@ -224,6 +226,50 @@ def compare(world_sizes: list[int], engines: str, batch_size: int, timeout: floa
     return rows
 
 
+METHOD_CONFIGS = (
+    "configs/mae_vit_tiny_digits.toml",
+    "configs/moco_v3_vit_tiny_digits.toml",
+    "configs/dino_vit_tiny_digits.toml",
+    "configs/dit_digits.toml",
+)
+
+
+def random_batch(cfg, batch_size: int) -> dict:
+    """What the method's train transform would hand it: images, a list of views, or DiT inputs."""
+    data, labels = cfg.data, torch.zeros(batch_size, dtype=torch.long)
+    if cfg.method.name == "dit":
+        dit = cfg.method.dit
+        return {"image": torch.randn(batch_size, dit.in_channels, dit.input_size, dit.input_size), "label": labels}
+    image = lambda size: torch.randn(batch_size, cfg.model.in_chans, size, size)  # noqa: E731
+    if cfg.method.name in ("moco", "dino"):
+        views = [image(data.image_size) for _ in range(2)] + [
+            image(data.local_crop_size) for _ in range(data.local_crops)
+        ]
+        return {"image": views, "label": labels}
+    return {"image": image(data.image_size), "label": labels}
+
+
+def method_activations(batch_size: int) -> list[dict]:
+    """Saved activations of each method's forward in one process, against the plan's closed forms."""
+    from pretrain.config import load_config
+    from pretrain.methods.registry import build_method
+    from pretrain.plan.method_models import activations_per_sample
+
+    rows = []
+    for config in METHOD_CONFIGS:
+        cfg = load_config(REPO / config, ["run.device=cpu", "train.precision=fp32", f"data.batch_size={batch_size}"])
+        torch.manual_seed(0)
+        method = build_method(cfg).train()
+        storages = {p.untyped_storage().data_ptr() for p in method.parameters()}
+        _, measured = saved_activation_bytes(method, random_batch(cfg, batch_size), storages)
+        planned = sum(activations_per_sample(cfg, 4, False).values()) * batch_size
+        rows.append(
+            {"config": config, "method": cfg.method.name, "batch_size": batch_size, "activations": measured,
+             "planned": planned, "measured_over_planned": measured / planned}
+        )  # fmt: skip
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-sizes", default="1,2,3,4")
@@ -241,6 +287,7 @@ def main() -> int:
     from machine import device_info
 
     rows = compare([int(w) for w in args.world_sizes.split(",")], args.engines, args.batch_size, args.timeout)
+    methods = method_activations(args.batch_size)
     exact = all(r[k] == r["planned"][k] for r in rows for k in r["compared"])
     ratios = [r["activations_measured_over_planned"] for r in rows]
     result = {
@@ -256,6 +303,7 @@ def main() -> int:
         "state_exact": exact,
         "activations_measured_over_planned": {"min": min(ratios), "max": max(ratios)},
         "rows": rows,
+        "method_activations": methods,
         "notes": "params/grads/optimizer: distinct storages of this rank's parameters, gradients after backward and "
         "optimizer state after the step; activations: distinct non-parameter storages saved for backward in forward; "
         "peak_rss_above_baseline includes the allocator, gloo and transient copies (not compared)",
@@ -269,6 +317,11 @@ def main() -> int:
         print(
             f"W={r['world_size']} rank {r['rank']} {r['engine']}: {state} (measured/planned bytes); activations "
             f"{r['activations']}/{p['activations']} = {r['activations_measured_over_planned']:.3f}"
+        )
+    for m in methods:
+        print(
+            f"{m['config']} ({m['method']}, batch {m['batch_size']}, one process): activations "
+            f"{m['activations']}/{m['planned']} = {m['measured_over_planned']:.3f}"
         )
     print(f"state exact: {exact}; activations measured/planned {min(ratios):.3f}-{max(ratios):.3f} -> {out}")
     return 0 if exact else 1

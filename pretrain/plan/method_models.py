@@ -3,11 +3,12 @@
 Activations are the tensors autograd saves in forward for backward (what dominates training memory),
 counted from our own modules:
 
-- a pre-norm ViT block on T tokens of width D saves 17 T D elements: both LayerNorm inputs, the qkv
-  input and output (3 T D), the attention output and its transposed copy (the projection's input), the
-  MLP's input, the GELU's input and output (4 T D each); plus fp32 statistics (LayerNorm mean and rstd,
-  2 T each; the attention's log-sum-exp, H T);
-- a DiT block saves 21 T D: the ViT block's, plus both normalized outputs that adaLN modulates and both
+- a pre-norm ViT block on T tokens of width D saves 16 T D elements: both LayerNorm inputs, the qkv
+  input and output (3 T D), the attention output (which is also the projection's input: SDPA returns it
+  in [B, T, H, d] memory order, so the transpose back is free), the MLP's input, the GELU's input and
+  output (4 T D each); plus fp32 statistics (LayerNorm mean and rstd, 2 T each; the attention's
+  log-sum-exp, H T);
+- a DiT block saves 20 T D: the ViT block's, plus both normalized outputs that adaLN modulates and both
   gated branch outputs;
 - with activation checkpointing a block keeps only its input (T D) and one block's activations are
   recomputed at a time in backward.
@@ -38,11 +39,11 @@ class Collective:
 
 
 def vit_block(tokens: int, dim: int, heads: int, act: int) -> int:
-    return 17 * tokens * dim * act + (4 * tokens + heads * tokens) * STAT
+    return 16 * tokens * dim * act + (4 * tokens + heads * tokens) * STAT
 
 
 def dit_block(tokens: int, dim: int, heads: int, act: int) -> int:
-    return 21 * tokens * dim * act + (4 * tokens + heads * tokens) * STAT + 8 * dim * act
+    return 20 * tokens * dim * act + (4 * tokens + heads * tokens) * STAT + 8 * dim * act
 
 
 def blocks_bytes(per_block: int, input_bytes: int, depth: int, checkpointing: bool) -> int:

@@ -19,7 +19,7 @@ engine gives it (pretrain/engines/zero.py: buckets of at most an eighth of the m
     each parameter separately, padded to a multiple of W;
   - stage 3 keeps parameters of at most stage3_param_persistence_threshold (default 1e5) elements
     gathered after their first use: whole on every rank, besides their partition, in the all-gather
-    buffer of W partitions (ceil(n / W) x W elements; measured, benchmarks/plan_calibration.py).
+    buffer of W partitions (ceil(n / W) x W elements; none at W = 1; measured, benchmarks/plan_calibration.py).
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def zero_state(records: list[ParamRecord], world: int, stage: int, param_bytes: 
         note = "one gradient reduce bucket (reduce_bucket_size elements)"
     else:
         params = sum(ceil_div(r.numel, world) for r in records) * param_bytes
-        # gathered into an all-gather buffer of W partitions: ceil(n / W) x W elements
-        small = [r for r in records if r.numel <= ZERO3_PERSISTENCE_THRESHOLD]
+        # gathered into an all-gather buffer of W partitions: ceil(n / W) x W elements (on one rank the
+        # partition is the parameter: nothing is gathered)
+        small = [r for r in records if r.numel <= ZERO3_PERSISTENCE_THRESHOLD and world > 1]
         persistent = sum(ceil_div(r.numel, world) * world for r in small) * param_bytes
         params += persistent
         grads = sum(ceil_div(r.numel, world) for r in trained) * param_bytes
