@@ -72,7 +72,19 @@ def rank_states(
         starts = sorted({0, *_fsdp_boundary_ranks(records, world)})
         ends = [s - 1 for s in starts[1:]] + [world - 1]
         return [
-            (first, last, state_memory.fsdp_state(records, world, first, param_bytes, param_bytes))
+            (
+                first,
+                last,
+                state_memory.fsdp_state(
+                    records,
+                    world,
+                    first,
+                    param_bytes,
+                    param_bytes,
+                    cfg.engine.reshard_after_forward,
+                    method_models.AVERAGED_RUNS_FORWARD.get(cfg.method.name, True),
+                ),
+            )
             for first, last in zip(starts, ends)
         ]
     if kind == "deepspeed":

@@ -77,7 +77,15 @@ def _unsharded_group_numel(records: list[ParamRecord]) -> dict[str, int]:
     return out
 
 
-def fsdp_state(records: list[ParamRecord], world: int, rank: int, param_bytes: int, grad_bytes: int) -> RankState:
+def fsdp_state(
+    records: list[ParamRecord],
+    world: int,
+    rank: int,
+    param_bytes: int,
+    grad_bytes: int,
+    reshard_after_forward: bool = True,
+    averaged_runs: bool = True,
+) -> RankState:
     """`records` from fake_world.fsdp_records; this rank's shard of each is recomputed with FSDP2's rule
     (tests hold it against FSDP2's own shards at rank 0 and the last rank)."""
     params = grads = optimizer = 0
@@ -90,10 +98,18 @@ def fsdp_state(records: list[ParamRecord], world: int, rank: int, param_bytes: i
     groups = _unsharded_group_numel(records)
     root = groups.pop("root", 0)
     largest = max(groups.values(), default=0)
-    buffers = root * param_bytes + 2 * largest * param_bytes + largest * (grad_bytes + FP32)
+    gradients = largest * (grad_bytes + FP32)
+    if reshard_after_forward:
+        gathered = 2 * largest
+        note = "the largest block gathered twice (computing + prefetched)"
+    else:
+        trained = {r.group for r in records if r.requires_grad}
+        gathered = sum(n for g, n in groups.items() if g in trained or averaged_runs)
+        note = "every block that runs, gathered from its forward to its backward (reshard_after_forward off)"
+    buffers = (root + gathered) * param_bytes + gradients
     note = (
-        "root unit's gathered parameters (kept for the whole step) + the largest block gathered twice "
-        "(computing + prefetched) + its unsharded gradients and their fp32 reduce-scatter input"
+        f"root unit's gathered parameters (kept for the whole step) + {note} + the largest block's unsharded "
+        "gradients and their fp32 reduce-scatter input"
     )
     return RankState(params, grads, optimizer, buffers, note)
 
