@@ -104,6 +104,8 @@ def test_fsdp_checkpoint_reshards_to_other_world_sizes():
     assert [r["load_world_size"] for r in plan["checkpoint"]["reshard"]] == [1, 3, 100]
     assert all(r["loads"] for r in plan["checkpoint"]["reshard"])
     assert plan["checkpoint"]["reshard"][0]["max_bytes_read_by_a_rank"] == 12 * psi
+    for check in plan["checkpoint"]["reshard"]:  # DCP's own load planner, run at the new world size
+        assert check["dcp_planner_rank0_model_read_items"] == check["rank0_model_chunks"]
 
 
 def test_plan_that_does_not_fit_exits_nonzero_naming_ranks_and_bytes(tmp_path, capsys):

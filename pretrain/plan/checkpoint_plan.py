@@ -9,7 +9,8 @@ them to (it balances bytes across the ranks that hold a copy).
 The resharding check is the planning half of a DCP load, on shapes only: the chunks saved at W must tile
 every tensor exactly (what DCP's global save plan guarantees), and every chunk a rank requests at the new
 world size must be covered by saved chunks; it also says how many saved chunks (reads) and bytes the
-busiest loading rank needs. DeepSpeed's native checkpoints are per-rank partitions: at another world size
+busiest loading rank needs. For FSDP, DCP's own load planner (create_default_local_load_plan) then runs
+for rank 0 of the new world size, built under a fake process group, against the saved metadata. DeepSpeed's native checkpoints are per-rank partitions: at another world size
 or stage they are converted to DeepSpeed's universal format first (pretrain/engines/zero.py), which is
 not planned here.
 """
@@ -17,6 +18,8 @@ not planned here.
 from __future__ import annotations
 
 import heapq
+
+import torch
 
 from pretrain.config import Config
 from pretrain.plan.fake_world import ParamRecord
@@ -72,7 +75,6 @@ def dcp_bytes_per_rank(records: list[ParamRecord], world: int, sharded: bool) ->
 
 def reshard_check(records: list[ParamRecord], save_world: int, load_world: int, sharded: bool) -> dict:
     """Does a DCP checkpoint of this model saved at `save_world` load at `load_world` (same engine)?"""
-    max_reads = max_bytes = 0
     problems = []
     reads = [0] * load_world
     read_bytes = [0] * load_world
@@ -98,6 +100,46 @@ def reshard_check(records: list[ParamRecord], save_world: int, load_world: int, 
         "max_chunks_read_by_a_rank": max_reads,
         "max_bytes_read_by_a_rank": max_bytes,
     }
+
+
+def saved_metadata(records: list[ParamRecord], world: int, sharded: bool):
+    """DCP's checkpoint metadata for the model's tensors as `world` ranks would save them (no data)."""
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    entries = {}
+    for r in records:
+        rows, _ = _rows(r)
+        rest = list(r.shape[1:])
+        chunks = [
+            ChunkStorageMetadata(torch.Size([start] + [0] * len(rest)), torch.Size([end - start] + rest))
+            for start, end in _chunks(rows, world, sharded)
+        ]
+        entries[r.name] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(r.shape), chunks)
+    return Metadata(state_dict_metadata=entries)
+
+
+def dcp_load_plan(cfg: Config, records: list[ParamRecord], save_world: int, load_world: int) -> int:
+    """Read items DCP's own load planner makes for rank 0 of an FSDP job at `load_world` ranks (built under
+    a fake process group) from the metadata of a save at `save_world`: the model's tensors (Adam's
+    moments are sharded the same way). It raises if a tensor is missing or its size differs."""
+    from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+
+    from pretrain.plan.fake_world import fake_process_group, fsdp_wrap, plain_name
+
+    metadata = saved_metadata(records, save_world, sharded=True)
+    with fake_process_group(load_world, 0):
+        method = fsdp_wrap(cfg, load_world)
+        state = {
+            plain_name(k): v for k, v in method.state_dict().items() if plain_name(k) in metadata.state_dict_metadata
+        }
+        if len(state) != len(records):
+            raise RuntimeError(f"the model at {load_world} ranks has {len(state)} of the {len(records)} saved tensors")
+        return len(create_default_local_load_plan(state, metadata).items)
 
 
 def checkpoint(cfg: Config, records: list[ParamRecord], world: int, load_world_sizes: tuple[int, ...]) -> dict:
@@ -129,5 +171,16 @@ def checkpoint(cfg: Config, records: list[ParamRecord], world: int, load_world_s
         "bytes_total": sum(per_rank),
         "bytes_per_rank_max": max(per_rank),
         "bytes_per_rank_min": min(per_rank),
-        "reshard": [reshard_check(records, world, m, sharded) for m in sizes],
+        "reshard": [_with_dcp_planner(cfg, records, world, m, sharded) for m in sizes],
     }
+
+
+def _with_dcp_planner(cfg: Config, records: list[ParamRecord], world: int, load_world: int, sharded: bool) -> dict:
+    """The shape-level check, and for FSDP DCP's own load planner on rank 0 at the new world size."""
+    check = reshard_check(records, world, load_world, sharded)
+    if sharded:
+        check["dcp_planner_rank0_model_read_items"] = dcp_load_plan(cfg, records, world, load_world)
+        # rank 0 loads rows [0, end) and reads every saved chunk of ceil(rows / W) rows they overlap
+        ends = [min(_rows(r)[0], ceil_div(_rows(r)[0], load_world)) for r in records]
+        check["rank0_model_chunks"] = sum(ceil_div(end, ceil_div(_rows(r)[0], world)) for r, end in zip(records, ends))
+    return check

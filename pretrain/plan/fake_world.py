@@ -82,7 +82,7 @@ def unit_of(name: str, blocks: list[str]) -> str:
 def decays(method: nn.Module) -> dict[str, bool]:
     """Parameter name -> whether pretrain/optim.py puts it in the weight-decay group."""
     skip = method.no_weight_decay()
-    return {n: not (p.ndim <= 1 or n in skip) for n, p in method.named_parameters()}
+    return {plain_name(n): not (p.ndim <= 1 or plain_name(n) in skip) for n, p in method.named_parameters()}
 
 
 def replicated_records(cfg: Config) -> list[ParamRecord]:
@@ -96,50 +96,53 @@ def replicated_records(cfg: Config) -> list[ParamRecord]:
     ]
 
 
-def fsdp_records(cfg: Config, world_size: int, rank: int = 0) -> list[ParamRecord]:
-    """Apply the FSDP engine's wrapping at `world_size` under a fake process group and read every
-    parameter's local shard on `rank` from FSDP2's parameter state."""
+def fsdp_wrap(cfg: Config, world_size: int) -> nn.Module:
+    """The method on the meta device wrapped as the FSDP engine wraps it; call inside fake_process_group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from pretrain.engines.parallelize import apply_activation_checkpointing
 
+    method = build_meta_method(cfg)
+    if cfg.engine.activation_checkpointing:
+        apply_activation_checkpointing(method)
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block_list in method.transformer_blocks():
+        for block in block_list:
+            fully_shard(block, mesh=mesh, reshard_after_forward=cfg.engine.reshard_after_forward)
+    fully_shard(method, mesh=mesh)
+    return method
+
+
+def fsdp_records(cfg: Config, world_size: int, rank: int = 0) -> list[ParamRecord]:
+    """Apply the FSDP engine's wrapping at `world_size` under a fake process group and read every
+    parameter's local shard on `rank` from FSDP2's parameter state."""
+    from torch.distributed.fsdp import FSDPModule
+
     with fake_process_group(world_size, rank):
-        method = build_meta_method(cfg)
-        blocks = block_names(method)
+        method = fsdp_wrap(cfg, world_size)
         decay = decays(method)
-        if cfg.engine.activation_checkpointing:
-            apply_activation_checkpointing(method)
-        mesh = init_device_mesh("cpu", (world_size,))
-        units: list[tuple[str, nn.Module]] = []
-        for block_list in method.transformer_blocks():
-            for block in block_list:
-                inner = getattr(block, "_checkpoint_wrapped_module", block)
-                fully_shard(block, mesh=mesh, reshard_after_forward=cfg.engine.reshard_after_forward)
-                units.append((blocks[id(inner)], block))
-        fully_shard(method, mesh=mesh)
-        units.append(("root", method))
         records = []
-        for unit_name, module in units:
-            state = module._get_fsdp_state()
-            group = state._fsdp_param_group
+        for unit_name, module in method.named_modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            group = module._get_fsdp_state()._fsdp_param_group
             if group is None:  # a unit whose parameters all belong to inner units
                 continue
+            unit = plain_name(unit_name) or "root"
             owned = {id(p): n for n, p in module.named_parameters()}
             for fsdp_param in group.fsdp_params:
                 param = fsdp_param.sharded_param
-                full_name = owned[id(param)]
-                prefix = "" if unit_name == "root" else unit_name + "."
+                name = plain_name(f"{unit_name}.{owned[id(param)]}" if unit_name else owned[id(param)])
                 padded = 1
                 for s in fsdp_param.padded_sharded_param_size:
                     padded *= s
-                name = plain_name(prefix + full_name)
                 records.append(
                     ParamRecord(
                         name=name,
                         shape=tuple(fsdp_param._orig_size),
                         requires_grad=param.requires_grad,
-                        group=unit_name,
+                        group=unit,
                         local_numel=param.to_local().numel(),
                         padded_local_numel=padded,
                         decay=decay[name],

@@ -71,9 +71,14 @@ def format_plan(plan: dict) -> str:
     ]
     for r in ck.get("reshard", []):
         verdict = "loads" if r["loads"] else "DOES NOT LOAD: " + "; ".join(r["problems"])
+        dcp = (
+            f"; DCP's load planner, rank 0: {r['dcp_planner_rank0_model_read_items']} reads of model tensors"
+            if "dcp_planner_rank0_model_read_items" in r
+            else ""
+        )
         lines.append(
             f"  at {r['load_world_size']} ranks: {verdict} (busiest rank reads {r['max_chunks_read_by_a_rank']} chunks, "
-            f"{gib(r['max_bytes_read_by_a_rank'])})"
+            f"{gib(r['max_bytes_read_by_a_rank'])}{dcp})"
         )
     if "other_world_sizes" in ck:
         lines.append(f"  other world sizes: {ck['other_world_sizes']}")
