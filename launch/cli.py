@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from pretrain.plan.cli import add_plan_options
 
 # launch slurm flag -> [launch] config key. Flags become `--set launch.KEY=VALUE` overrides, so they are
 # validated like the config file (the error names the key) and the job's own config records them.
@@ -57,6 +60,16 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
     overrides = slurm_overrides(args)
     cfg = load_config(args.config, overrides)
+    if args.plan:
+        from pretrain.config import ConfigError
+        from pretrain.plan.cli import run_plan
+
+        if not cfg.launch.gpus_per_node:
+            raise ConfigError("--plan: plans GPU jobs; set --gpus-per-node (launch.gpus_per_node)")
+        code = run_plan(args.config, overrides, args, cfg.launch.nodes, cfg.launch.gpus_per_node)
+        if code != 0:
+            print("not submitted: the plan says a rank would not fit", file=sys.stderr)
+            return code
     script = render_script(cfg, Path(args.config), overrides)
     if args.dry_run:
         print(script, end="")
@@ -99,6 +112,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     slurm.add_argument("--launcher", choices=("torchrun", "srun"), help="one torchrun per node, or srun per process")
     slurm.add_argument("--max-restarts", type=int, help="torchrun restarts within the allocation")
     slurm.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    slurm.add_argument(
+        "--plan",
+        action="store_true",
+        help="plan the job first (pretrain plan); with --fail-over-memory, submit only if it fits",
+    )
+    add_plan_options(slurm)
     slurm.set_defaults(func=cmd_slurm)
 
     accelerate = kinds.add_parser("accelerate", help="accelerate launch with a generated config")

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.ckpt.cli import register as register_ckpt
     from pretrain.eval.fid import register as register_fid
     from pretrain.latent_shards import register as register_latents
+    from pretrain.plan.cli import register as register_plan
     from pretrain.sample import register as register_sample
 
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__)
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ckpt(commands)
     register_bench(commands)
     register_launch(commands)
+    register_plan(commands)
     register_sample(commands)
     register_fid(eval_commands)
 

@@ -97,5 +97,31 @@ def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> flo
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_by_name(name: str) -> float | None:
+    """The table's bf16 peak for a device name such as 'H100' or 'NVIDIA H100 80GB HBM3'; None if unknown."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key.upper() in name.upper()), None)
+
+
+# ---------------------------------------------------------------------- device memory
+
+# Memory of each device as nvidia-smi reports it (MiB), matched in order against the device's name. The
+# planner (pretrain/plan) compares per-rank totals against it; a CUDA context and NCCL's buffers take
+# some of it before training allocates anything.
+DEVICE_MEMORY_MIB: list[tuple[str, int]] = [
+    ("H100", 81_559),  # H100 80 GB (SXM and PCIe)
+    ("H200", 143_771),  # H200 141 GB
+    ("A100-40", 40_960),  # A100 40 GB
+    ("A100-80", 81_920),  # A100 80 GB
+    ("A100", 81_920),
+]
+
+
+def device_memory_bytes(name: str) -> int | None:
+    """Bytes of device memory for a name such as 'H100', 'NVIDIA H100 80GB HBM3' or 'A100-40'; None if unknown."""
+    key = name.upper().replace(" ", "-")
+    if "A100" in key and "40" in key.split("A100", 1)[1]:
+        key = "A100-40"
+    return next((mib * 2**20 for known, mib in DEVICE_MEMORY_MIB if known in key), None)

@@ -140,7 +140,9 @@ def test_bounds_are_checked_on_defaults_of_a_section_too():
 def test_options_of_an_engine_that_is_not_running_fail():
     with pytest.raises(ConfigError, match="engine.deepspeed.zero_stage: only the deepspeed engine reads it"):
         load_config(None, ["engine.kind=fsdp", "engine.deepspeed.zero_stage=3"])
-    assert load_config(None, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]).engine.deepspeed.zero_stage == 3
+    assert (
+        load_config(None, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]).engine.deepspeed.zero_stage == 3
+    )
 
 
 def test_checkpoint_configs_with_moved_engine_keys_still_load():

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from kernels.dino_loss import dino_loss, teacher_probabilities
+from pretrain.activation_memory import STAT, Collective, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.distributed import all_reduce_mean
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
@@ -20,7 +21,7 @@ from pretrain.methods.base import Method
 from pretrain.methods.joint_embedding import joint_embedding_device_transform, joint_embedding_transform
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import DINOHead
-from pretrain.models.vit import VisionTransformer
+from pretrain.models.vit import VIT_SIZES, VisionTransformer
 from pretrain.optim import cosine_ramp
 from pretrain.visualize import denormalize, image_grid
 
@@ -224,6 +225,32 @@ def flops(cfg: Config) -> FlopCount:
     return student + teacher
 
 
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample: the student on 2 global + data.local_crops local views, its head and the loss over
+    out_dim prototypes; the teacher runs without grad."""
+    dino, data, model = cfg.method.dino, cfg.data, cfg.model
+    dim, depth, heads = VIT_SIZES[cfg.model.size]
+    views = [(data.image_size // model.patch_size) ** 2 + 1] * 2
+    views += [(data.local_crop_size // model.patch_size) ** 2 + 1] * data.local_crops
+    block_total = sum(blocks_bytes(vit_block(t, dim, heads, act), t * dim * act, depth, checkpointing) for t in views)
+    hidden_layers = dino.head_layers - 1
+    head = (dim + hidden_layers * 3 * dino.hidden_dim + 2 * dino.bottleneck_dim) * act
+    logits = dino.out_dim * (act + 2 * STAT)  # logits, and the fp32 log-softmax the cross-entropy keeps
+    return {
+        "backbone blocks": block_total,
+        "patch embedding inputs": model.in_chans
+        * (2 * data.image_size**2 + data.local_crops * data.local_crop_size**2)
+        * act,
+        "final norms": sum(layer_norm_bytes(t, dim, act) for t in views),
+        "head (MLP, bottleneck, prototypes)": len(views) * (head + logits),
+    }
+
+
+def collectives(cfg: Config, micro_batch: int, act: int) -> list[Collective]:
+    """The center's all-reduce."""
+    return [Collective("DINO center", "all_reduce", cfg.method.dino.out_dim * STAT, 1)]
+
+
 SPEC = MethodSpec(
     "dino",
     DINOConfig,
@@ -232,4 +259,7 @@ SPEC = MethodSpec(
     validate=validate,
     device_transform=joint_embedding_device_transform,
     flops=flops,
+    activations=activations,
+    collectives=collectives,
+    averaged_network_runs_forward=True,
 )

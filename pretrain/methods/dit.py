@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from data_pipeline.manifest import Manifest
+from pretrain.activation_memory import STAT, blocks_bytes, dit_block
 from pretrain.config import Config, ConfigError, bounded, check_choice
 from pretrain.diffusion.flow import flow_matching_loss, interpolate, logit_normal_timesteps
 from pretrain.diffusion.sampling import Sampler, guided_velocity, sample
@@ -277,4 +278,19 @@ def flops(cfg: Config) -> FlopCount:
     return FlopCount(total)
 
 
-SPEC = MethodSpec("dit", DiTConfig, build, train_transform, validate=validate, flops=flops)
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample: one forward of the online DiT on the noisy input, and the velocity MSE."""
+    dit = cfg.method.dit
+    dim0, depth0, heads0 = DIT_SIZES[dit.size]
+    dim, depth, heads = dit.hidden_dim or dim0, dit.depth or depth0, dit.num_heads or heads0
+    tokens = (dit.input_size // dit.patch_size) ** 2
+    values = dit.in_channels * dit.input_size**2
+    return {
+        "blocks": blocks_bytes(dit_block(tokens, dim, heads, act), tokens * dim * act, depth, checkpointing),
+        "patch embedding input": values * act,
+        "final layer (norm, modulation, linear)": 3 * tokens * dim * act + 2 * tokens * STAT,
+        "loss (velocity error)": values * STAT,
+    }
+
+
+SPEC = MethodSpec("dit", DiTConfig, build, train_transform, validate=validate, flops=flops, activations=activations)

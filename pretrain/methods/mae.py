@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, mae_transform
+from pretrain.activation_memory import INDEX, STAT, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, bounded
 from pretrain.flops import FlopCount, block_flops, linear_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
@@ -17,7 +18,7 @@ from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.pos_embed import sincos_pos_embed_2d
 from pretrain.models.transformer import Block, init_linear_and_norm
-from pretrain.models.vit import VisionTransformer, patchify, unpatchify
+from pretrain.models.vit import VIT_SIZES, VisionTransformer, patchify, unpatchify
 from pretrain.visualize import denormalize, image_grid
 
 
@@ -237,4 +238,28 @@ def flops(cfg: Config) -> FlopCount:
     return vit_backbone_flops(cfg, cfg.data.image_size, kept_patches=kept) + FlopCount(decoder)
 
 
-SPEC = MethodSpec("mae", MAEConfig, build, train_transform, validate=validate, flops=flops)
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample: encoder on the visible patches + cls, decoder on all patches + cls, pixel loss."""
+    mae, data, model = cfg.method.mae, cfg.data, cfg.model
+    dim, depth, heads = VIT_SIZES[cfg.model.size]
+    patches = (data.image_size // model.patch_size) ** 2
+    kept = int(patches * (1 - mae.mask_ratio))
+    patch_dim = model.patch_size**2 * model.in_chans
+    enc_t, dec_t, dd = kept + 1, patches + 1, mae.decoder_dim
+    return {
+        "encoder blocks": blocks_bytes(vit_block(enc_t, dim, heads, act), enc_t * dim * act, depth, checkpointing),
+        "decoder blocks": blocks_bytes(
+            vit_block(dec_t, dd, mae.decoder_heads, act), dec_t * dd * act, mae.decoder_depth, checkpointing
+        ),
+        "patch embedding input": model.in_chans * data.image_size**2 * act,
+        # each final norm's input and statistics, and its output (the next linear's input)
+        "norms, decoder embedding and prediction inputs": layer_norm_bytes(enc_t, dim, act)
+        + enc_t * dim * act
+        + layer_norm_bytes(dec_t, dd, act)
+        + dec_t * dd * act,
+        "masking indices": (kept + patches) * INDEX,
+        "loss (pixel error, mask)": patches * patch_dim * STAT + patches * STAT,
+    }
+
+
+SPEC = MethodSpec("mae", MAEConfig, build, train_transform, validate=validate, flops=flops, activations=activations)

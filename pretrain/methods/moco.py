@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.infonce import InfoNCEImpl, info_nce
+from pretrain.activation_memory import STAT, Collective, blocks_bytes, global_bn_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, bounded
 from pretrain.distributed import all_gather_cat, rank
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
@@ -18,7 +19,7 @@ from pretrain.methods.base import Method
 from pretrain.methods.joint_embedding import joint_embedding_device_transform, joint_embedding_transform
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import init_moco_mlp, moco_mlp
-from pretrain.models.vit import VisionTransformer
+from pretrain.models.vit import VIT_SIZES, VisionTransformer
 from pretrain.optim import cosine_ramp
 
 
@@ -152,6 +153,39 @@ def flops(cfg: Config) -> FlopCount:
     return FlopCount(views * query.trained, views * (query.frozen + momentum.frozen))
 
 
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample (two views): the query backbone and heads; the momentum branch runs without grad."""
+    moco, data, model = cfg.method.moco, cfg.data, cfg.model
+    dim, depth, heads = VIT_SIZES[cfg.model.size]
+    tokens = (data.image_size // model.patch_size) ** 2 + 1
+    mlp, proj = moco.mlp_dim, moco.proj_dim
+    projector = dim * act + 2 * (mlp * act + global_bn_bytes(mlp) + mlp * act) + mlp * act + global_bn_bytes(proj)
+    predictor = proj * act + global_bn_bytes(mlp) + 2 * mlp * act
+    return {
+        "backbone blocks": 2
+        * blocks_bytes(vit_block(tokens, dim, heads, act), tokens * dim * act, depth, checkpointing),
+        "patch embedding input": 0 if moco.freeze_patch_embed else 2 * model.in_chans * data.image_size**2 * act,
+        "final norm": 2 * layer_norm_bytes(tokens, dim, act),
+        "projector and predictor": 2 * (projector + predictor),
+        "InfoNCE (queries, keys, log-sum-exp)": 2 * 3 * proj * STAT,
+    }
+
+
+def collectives(cfg: Config, micro_batch: int, act: int) -> list[Collective]:
+    """Each rank's keys all-gathered (both views), and the heads' batch-norm moments all-reduced (forward,
+    and backward for the trained heads)."""
+    moco = cfg.method.moco
+    # moments of one BN layer: sum, sum of squares (dim each) and the count, fp32
+    bn = lambda d: (2 * d + 1) * STAT  # noqa: E731
+    query_bns = [moco.mlp_dim, moco.mlp_dim, moco.proj_dim, moco.mlp_dim]  # projector (3), predictor (1)
+    momentum_bns = [moco.mlp_dim, moco.mlp_dim, moco.proj_dim]
+    return [
+        Collective("MoCo keys", "all_gather", micro_batch * moco.proj_dim * act, 2),
+        Collective("BN moments, query heads (forward + backward)", "all_reduce", sum(map(bn, query_bns)), 2 * 2),
+        Collective("BN moments, momentum heads", "all_reduce", sum(map(bn, momentum_bns)), 2),
+    ]
+
+
 SPEC = MethodSpec(
     "moco",
     MoCoConfig,
@@ -160,4 +194,7 @@ SPEC = MethodSpec(
     validate=validate,
     device_transform=joint_embedding_device_transform,
     flops=flops,
+    activations=activations,
+    collectives=collectives,
+    averaged_network_runs_forward=True,
 )

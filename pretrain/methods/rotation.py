@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, mae_transform
+from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.transformer import init_linear_and_norm
-from pretrain.models.vit import VisionTransformer
+from pretrain.models.vit import VIT_SIZES, VisionTransformer
 from pretrain.visualize import denormalize, image_grid
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees counter-clockwise
@@ -143,4 +144,22 @@ def flops(cfg: Config) -> FlopCount:
     return FlopCount(ROTATIONS * one.trained, ROTATIONS * one.frozen)
 
 
-SPEC = MethodSpec("rotation", RotationConfig, build, train_transform, validate=validate, flops=flops)
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample: the encoder and head on each of the four rotations, and the cross-entropy."""
+    data, model = cfg.data, cfg.model
+    dim, depth, heads = VIT_SIZES[model.size]
+    tokens = (data.image_size // model.patch_size) ** 2 + 1
+    hidden = cfg.method.rotation.head_hidden_dim
+    head = (dim + 2 * hidden) * act if hidden else dim * act
+    return {
+        "encoder blocks": ROTATIONS
+        * blocks_bytes(vit_block(tokens, dim, heads, act), tokens * dim * act, depth, checkpointing),
+        "patch embedding input": ROTATIONS * model.in_chans * data.image_size**2 * act,
+        "final norm and pooling": ROTATIONS * (layer_norm_bytes(tokens, dim, act) + tokens * dim * act),
+        "head and loss": ROTATIONS * (head + 2 * ROTATIONS * STAT),
+    }
+
+
+SPEC = MethodSpec(
+    "rotation", RotationConfig, build, train_transform, validate=validate, flops=flops, activations=activations
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pretrain.activation_memory import Collective
 from pretrain.config import Config
 from pretrain.flops import FlopCount
 from pretrain.methods.base import Method
@@ -29,3 +30,11 @@ class MethodSpec:
     device_transform: Callable[[Config], Callable | None] | None = None
     # cfg -> analytic forward FLOPs of one sample, split into trained and frozen parts (pretrain/flops.py).
     flops: Callable[[Config], FlopCount] | None = None
+    # cfg, bytes per activation element, activation checkpointing -> bytes saved for backward per sample,
+    # by part (pretrain/activation_memory.py); what `pretrain plan` sizes activations with.
+    activations: Callable[[Config, int, bool], dict[str, int]] | None = None
+    # cfg, micro-batch, bytes per element -> the collectives the method issues itself every micro-step.
+    collectives: Callable[[Config, int, int], list[Collective]] | None = None
+    # Whether the averaged network of `ema_pairs` (momentum encoder, teacher) runs forward in training, so
+    # a sharded copy of it is gathered every step; an EMA kept only for sampling (DiT) does not.
+    averaged_network_runs_forward: bool = False

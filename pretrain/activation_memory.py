@@ -1,0 +1,60 @@
+"""Building blocks of the analytic memory model: what a block saves for backward, and the collectives a
+method issues by itself. Each method counts its own activations from these (its spec's `activations`),
+as it counts its FLOPs from pretrain/flops.py; `pretrain plan` adds them up.
+
+Activations are the tensors autograd saves in forward for backward (what dominates training memory),
+counted from our own modules:
+
+- a pre-norm ViT block on T tokens of width D saves 16 T D elements: both LayerNorm inputs, the qkv
+  input and output (3 T D), the attention output (which is also the projection's input: SDPA returns it
+  in [B, T, H, d] memory order, so the transpose back is free), the MLP's input, the GELU's input and
+  output (4 T D each); plus fp32 statistics (LayerNorm mean and rstd, 2 T each; the attention's
+  log-sum-exp, H T);
+- a DiT block saves 20 T D: the ViT block's, plus both normalized outputs that adaLN modulates and both
+  gated branch outputs;
+- with activation checkpointing a block keeps only its input (T D) and one block's activations are
+  recomputed at a time in backward.
+
+Everything outside the blocks (patch embedding input, heads, losses) is summed term by term by each method; the
+CPU calibration (benchmarks/plan_calibration.py) measures the saved tensors of real runs against these.
+Element size: 2 bytes under bf16 autocast, 4 in fp32; statistics and losses are fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAT = 4  # fp32 statistics and loss terms
+INDEX = 8  # int64 indices
+
+
+@dataclass(frozen=True)
+class Collective:
+    """A collective a method issues every micro-step, beyond what the engine does for parameters."""
+
+    name: str
+    kind: str  # all_gather | all_reduce
+    bytes: int  # payload of one call on one rank (all_gather: this rank's contribution)
+    calls: int  # per micro-step
+
+
+def vit_block(tokens: int, dim: int, heads: int, act: int) -> int:
+    return 16 * tokens * dim * act + (4 * tokens + heads * tokens) * STAT
+
+
+def dit_block(tokens: int, dim: int, heads: int, act: int) -> int:
+    return 20 * tokens * dim * act + (4 * tokens + heads * tokens) * STAT + 8 * dim * act
+
+
+def blocks_bytes(per_block: int, input_bytes: int, depth: int, checkpointing: bool) -> int:
+    """Saved by `depth` blocks; with checkpointing, their inputs plus one block recomputed in backward."""
+    return depth * input_bytes + per_block if checkpointing else depth * per_block
+
+
+def layer_norm_bytes(tokens: int, dim: int, act: int) -> int:
+    return tokens * dim * act + 2 * tokens * STAT
+
+
+def global_bn_bytes(dim: int) -> int:
+    # x.float(), its square, the normalized output and the affine's input: fp32
+    return 4 * dim * STAT
