@@ -63,6 +63,9 @@ class DataConfig:
     color_augment_on: str = (
         "device"  # device: batched after transfer (measured faster) | workers: per sample in the data workers
     )
+    # fast: crop boxes drawn from the JPEG header, DCT-domain reduced decode, torch resize, uint8 to the
+    # device (data_pipeline/fast_crops.py) | reference: full PIL decode, PIL resize, float in the workers
+    decode: str = "fast"
 
 
 @dataclass
@@ -452,6 +455,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.linear_val_fraction: must be in (0, 1), got {cfg.eval.linear_val_fraction}")
     _choice("method.moco.infonce_impl", cfg.method.moco.infonce_impl, ("auto", "reference", "tiled", "triton"))
     _choice("data.color_augment_on", cfg.data.color_augment_on, ("workers", "device"))
+    _choice("data.decode", cfg.data.decode, ("fast", "reference"))
 
     for key, value in [
         ("data.image_size", cfg.data.image_size),

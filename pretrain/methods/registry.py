@@ -53,9 +53,18 @@ def build_mae(cfg: Config) -> Method:
 
 def mae_train_transform(cfg: Config):
     from data_pipeline.augment import mae_transform
+    from data_pipeline.fast_crops import CropView, FastCrops
 
     data = cfg.data
+    if data.decode == "fast":  # uint8 out; mae_device_transform normalizes
+        return FastCrops([CropView(data.image_size, data.crop_scale)], data.hflip, data.mean, data.std, single=True)
     return mae_transform(data.image_size, data.crop_scale, data.mean, data.std, data.hflip)
+
+
+def mae_device_transform(cfg: Config):
+    from data_pipeline.fast_crops import DeviceNormalize
+
+    return DeviceNormalize(cfg.data.mean, cfg.data.std) if cfg.data.decode == "fast" else None
 
 
 def build_dit(cfg: Config) -> Method:
@@ -123,9 +132,14 @@ def build_dino(cfg: Config) -> Method:
 
 def joint_embedding_transform(cfg: Config):
     """MoCo v3: 2 views; DINO: 2 global + data.local_crops local views."""
+    from data_pipeline.fast_crops import CropView, FastCrops
     from data_pipeline.views import MultiView, joint_embedding_views
 
     data = cfg.data
+    if data.decode == "fast":  # uint8 out unless color runs in the workers; DeviceColor converts
+        in_workers = data.color_augment_on == "workers"
+        views = [CropView(v.size, v.scale, v.color if in_workers else None) for v in joint_embedding_views(data)]
+        return FastCrops(views, data.hflip, data.mean, data.std)
     return MultiView(
         joint_embedding_views(data),
         data.hflip,
@@ -147,7 +161,7 @@ def _summary(count: Callable[[Config], analytic.FlopCount]) -> Callable[[Config]
 
 
 METHODS: dict[str, MethodSpec] = {
-    "mae": MethodSpec(build_mae, mae_train_transform, flops=_summary(analytic.mae_flops)),
+    "mae": MethodSpec(build_mae, mae_train_transform, mae_device_transform, flops=_summary(analytic.mae_flops)),
     "moco": MethodSpec(
         build_moco, joint_embedding_transform, joint_embedding_device_transform, flops=_summary(analytic.moco_flops)
     ),
