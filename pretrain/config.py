@@ -66,6 +66,7 @@ class DataConfig:
     # fast: crop boxes drawn from the JPEG header, DCT-domain reduced decode, torch resize, uint8 to the
     # device (data_pipeline/fast_crops.py) | reference: full PIL decode, PIL resize, float in the workers
     decode: str = "fast"
+    backend: str = "pil"  # pil: WebDataset reader in DataLoader workers | dali: NVIDIA DALI (extra [dali])
 
 
 @dataclass
@@ -456,6 +457,9 @@ def validate(cfg: Config) -> None:
     _choice("method.moco.infonce_impl", cfg.method.moco.infonce_impl, ("auto", "reference", "tiled", "triton"))
     _choice("data.color_augment_on", cfg.data.color_augment_on, ("workers", "device"))
     _choice("data.decode", cfg.data.decode, ("fast", "reference"))
+    _choice("data.backend", cfg.data.backend, ("pil", "dali"))
+    if cfg.data.backend == "dali":
+        _validate_dali(cfg)
 
     for key, value in [
         ("data.image_size", cfg.data.image_size),
@@ -552,6 +556,17 @@ def validate(cfg: Config) -> None:
                 f"data.image_size: {cfg.data.image_size} is not a multiple of method.vae.downsample "
                 f"{cfg.method.vae.downsample}"
             )
+
+
+def _validate_dali(cfg: Config) -> None:
+    from data_pipeline.dali_loader import dali_available
+
+    if cfg.method.name not in ("mae", "moco", "dino"):
+        raise ConfigError(f"data.backend: 'dali' feeds image methods (mae, moco, dino), not {cfg.method.name}")
+    if cfg.data.color_augment_on != "device":
+        raise ConfigError("data.color_augment_on: the dali backend leaves color to the device; set 'device'")
+    if why := dali_available():
+        raise ConfigError(f"data.backend: {why}")
 
 
 def _validate_dit(dit: DiTConfig) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from data_pipeline.augment import eval_transform
 from data_pipeline.loader import ResumableLoader
 from launch.env import WorldInfo
 from pretrain.config import Config, ConfigError
 from pretrain.methods.registry import build_train_transform
+
+if TYPE_CHECKING:
+    from data_pipeline.dali_loader import DaliLoader
 
 
 def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
@@ -19,8 +24,10 @@ def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
         raise ConfigError(f"data.shards: {exc}") from exc
 
 
-def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
+def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader | DaliLoader:
     data = cfg.data
+    if data.backend == "dali":
+        return _dali_loader(cfg, world)
     return ResumableLoader(
         data.shards,
         batch_size=data.batch_size,
@@ -35,6 +42,33 @@ def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
         split=data.split,
         pin_memory=data.pin_memory,
         prefetch_factor=data.prefetch_factor,
+    )
+
+
+def _dali_loader(cfg: Config, world: WorldInfo) -> DaliLoader:
+    """The same shards and views through DALI (nvJPEG on CUDA); uint8 out, normalized on the device."""
+    from data_pipeline.dali_loader import DaliLoader
+    from data_pipeline.views import joint_embedding_views
+    from pretrain.engines.base import resolve_device
+
+    data = cfg.data
+    if cfg.method.name == "mae":
+        views, single = [(data.image_size, data.crop_scale)], True
+    else:
+        views, single = [(view.size, view.scale) for view in joint_embedding_views(data)], False
+    return DaliLoader(
+        data.shards,
+        batch_size=data.batch_size,
+        views=views,
+        single=single,
+        hflip=data.hflip,
+        seed=cfg.run.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+        num_threads=max(1, data.num_workers),
+        shuffle_buffer=data.shuffle_buffer,
+        split=data.split,
+        device=resolve_device(cfg.run.device, world),
     )
 
 

@@ -64,7 +64,8 @@ def mae_train_transform(cfg: Config):
 def mae_device_transform(cfg: Config):
     from data_pipeline.fast_crops import DeviceNormalize
 
-    return DeviceNormalize(cfg.data.mean, cfg.data.std) if cfg.data.decode == "fast" else None
+    uint8 = cfg.data.decode == "fast" or cfg.data.backend == "dali"
+    return DeviceNormalize(cfg.data.mean, cfg.data.std) if uint8 else None
 
 
 def build_dit(cfg: Config) -> Method:
