@@ -174,7 +174,8 @@ class Trainer:
         rank_state = load_rank_state(path, self.world.rank)
         if meta["world_size"] != self.world.world_size:
             saved = [load_rank_state(path, rank) for rank in range(meta["world_size"])]
-            rank_state = {**(rank_state or saved[0]), "data": merge_states([s["data"] for s in saved])}
+            merge = getattr(self.loader, "merge_states", merge_states)  # a loader's own rule (DALI's)
+            rank_state = {**(rank_state or saved[0]), "data": merge([s["data"] for s in saved])}
             log.warning(
                 "checkpoint written at world size %d, resuming at %d: model and optimizer are resharded; "
                 "data streams continue where their layout allows",
