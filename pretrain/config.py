@@ -222,6 +222,7 @@ class TrackingConfig:
     experiment: str = "pretrain"
     flush_interval: float = 5.0  # seconds between background sends
     close_timeout: float = 30.0  # at the end of a run, how long to try delivering what is still queued
+    system_metrics: bool = True  # CPU/GPU utilization, memory and GPU power under system/ in the run
 
 
 @dataclass

@@ -37,6 +37,7 @@ from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler
 from pretrain.progress import Progress
 from pretrain.rng import rng_state, seed_everything, seed_step, set_rng_state
 from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
+from pretrain.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger("pretrain.train")
 
@@ -190,6 +191,16 @@ class Trainer:
         self.job_key = meta.get("job_key", self.job_key)
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _system_metrics(self) -> SystemMetrics | None:
+        """CPU/GPU utilization, memory and power into the run, when tracked and switched on."""
+        if not (self.cfg.tracking.system_metrics and self.tracker.enabled):
+            return None
+        try:
+            return SystemMetrics(self.tracker, lambda: self.step).start()
+        except Exception:  # psutil or MLflow's samplers missing or failing: the run goes on without them
+            log.warning("tracking: system metrics unavailable", exc_info=True)
+            return None
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self, until: int | None = None, save_final: bool = True) -> TrainResult:
@@ -209,6 +220,7 @@ class Trainer:
         stop_request = StopRequest().install()  # after the loader's workers start: they keep the default
         log_file = self.run_dir / "logs" / f"rank_{self.world.rank:05d}.log"
         watchdog = Watchdog(cfg.train.watchdog_timeout, log_file, self.world.rank).start()
+        system = self._system_metrics()
         try:
             while self.step < stop:
                 before = (rng_state(), self.loader.state_dict()) if cfg.train.on_nonfinite == "stop" else None
@@ -297,6 +309,8 @@ class Trainer:
         finally:
             watchdog.stop()
             stop_request.restore()
+            if system is not None:
+                system.stop()
             self.tracker.close(timeout=cfg.tracking.close_timeout, status=status)
         result.step = self.step
         result.mlflow_run_id = self.tracker.run_id
