@@ -41,7 +41,7 @@ class EncodedImage:
     before decoding (`data_pipeline.fast_crops`) ask for a DCT-domain reduction of JPEGs.
 
     JPEGs decode through libjpeg-turbo via simplejpeg when it is installed: the same pixels as PIL
-    (same library, same settings; tested), straight into a numpy array, about 25% less time than PIL's
+    (same library, same settings; tested), straight into a numpy array, about 20% less time than PIL's
     decode plus the copy out of PIL. Anything simplejpeg rejects (CMYK, other formats) goes through PIL.
     Errors are `DecodeError`s, as in `decode_image`, so bad bytes are skipped and counted.
     """
