@@ -31,7 +31,10 @@ def _monitors() -> list:
 
         monitors.append(GPUMonitor())
     except Exception as exc:  # ImportError without pynvml, NVMLError without a driver
-        logger.info("system metrics: no GPU metrics (%s: %s)", type(exc).__name__, exc)
+        import torch
+
+        level = logging.WARNING if torch.cuda.is_available() else logging.DEBUG  # only news where GPUs are
+        logger.log(level, "system metrics: no GPU metrics (%s: %s)", type(exc).__name__, exc)
     return monitors
 
 
