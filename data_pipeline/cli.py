@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=None, help="digits/synthetic: held-out fraction")
     p.add_argument("--root", help="folder: the image tree root/[train|val|test/]<class>/<image>")
     p.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png", help="encoding of rendered images")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="re-encode images whose long side exceeds this many pixels to that size (recorded in the manifest)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
     p.set_defaults(func=run_shards)
@@ -75,12 +81,15 @@ def run_shards(args: argparse.Namespace) -> int:
             source=description,
             image_size=size,
             overwrite=args.overwrite,
+            max_side=args.max_side,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"data shards: {exc}", file=sys.stderr)
         return 2
     for split, shards in manifest.splits.items():
         print(f"{split}: {len(shards)} shards, {manifest.num_samples(split)} samples")
+    if manifest.size_cap is not None:
+        print(f"size cap: {manifest.size_cap['resized']} images resized to a long side of {args.max_side} px")
     print(f"manifest: {manifest.path}")
     return 0
 

@@ -36,6 +36,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # Latent shards only (`pretrain data latents`): channels, size, scale_factor, vae, ... ; None for images.
     latent: dict[str, Any] | None = None
+    # `--max-side`: {"max_side": N, "resized": count}; None when images were stored as given.
+    size_cap: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path:
@@ -66,6 +68,7 @@ class Manifest:
                 created=raw["created"],
                 format_version=version,
                 latent=raw.get("latent"),
+                size_cap=raw.get("size_cap"),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: missing or malformed field ({exc})") from exc
@@ -93,6 +96,8 @@ class Manifest:
         }
         if self.latent is not None:
             out["latent"] = self.latent
+        if self.size_cap is not None:
+            out["size_cap"] = self.size_cap
         return out
 
     def save(self) -> Path:

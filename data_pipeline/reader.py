@@ -255,7 +255,8 @@ class ShardStream(IterableDataset):
             yield _collate(pending, stream, StreamPosition(epoch, offset, skipped))
 
     def _prepare(self, record: Record, epoch: int) -> tuple[str, Any, int]:
-        image, label = decode_record(record)
+        # Transforms that choose how to decode (the fast crop path) get the image undecoded.
+        image, label = decode_record(record, encoded=getattr(self.transform, "accepts_encoded", False))
         key = record["__key__"]
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, key))
         return key, self.transform(image, gen), label

@@ -14,6 +14,7 @@ from typing import BinaryIO
 from webdataset import TarWriter
 
 from data_pipeline.manifest import MANIFEST_NAME, SHARD_NAME, Manifest, ShardInfo, file_sha256
+from data_pipeline.size_cap import cap_encoded
 from data_pipeline.sources import Sample
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
@@ -92,14 +93,18 @@ def write_shards(
     source: str = "",
     image_size: int | None = None,
     overwrite: bool = False,
+    max_side: int | None = None,
 ) -> Manifest:
     """Write `{split}-{index:06d}.tar` shards with `{key}.{png|jpg}`, `{key}.cls` and `{key}.json` members.
 
     `classes` names the labels (default: the label numbers). An existing manifest or shards in
     `out_dir` are an error unless `overwrite`, so two datasets never mix in one directory.
+    `max_side`: re-encode images whose long side is larger to that size (`size_cap.py`).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
     _check_image_format(image_format)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,11 +113,15 @@ def write_shards(
     writers: dict[str, SplitWriter] = {}
     seen: set[str] = set()
     max_label = -1
+    resized = 0
     try:
         for sample in samples:
             _check_sample(sample, seen, classes)
             max_label = max(max_label, sample.label)
             ext, data = encode_image(sample, image_format)
+            if max_side is not None:
+                ext, data, was_resized = cap_encoded(ext, data, max_side)
+                resized += was_resized
             class_name = classes[sample.label] if classes is not None else str(sample.label)
             meta = {"key": sample.key, "label": sample.label, "class": class_name, "split": sample.split}
             meta["source"] = sample.origin or source
@@ -137,6 +146,7 @@ def write_shards(
         image_size=image_size,
         splits={split: writer.shards for split, writer in sorted(writers.items())},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        size_cap={"max_side": max_side, "resized": resized} if max_side is not None else None,
     )
     manifest.save()
     return manifest

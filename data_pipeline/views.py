@@ -130,7 +130,7 @@ class MultiView:
 
 class DeviceColor:
     """The color half of a MultiView, run on whole batches after transfer: views arrive in [0, 1]
-    and leave augmented and normalized. Random decisions come from torch's global generator, which
+    (or as uint8 from `fast_crops.FastCrops`) and leave augmented and normalized. Random decisions come from torch's global generator, which
     the train loop seeds for every micro-batch, so runs and resumes repeat exactly."""
 
     def __init__(self, views: Sequence[ViewSpec], mean: Sequence[float], std: Sequence[float]) -> None:
@@ -145,7 +145,8 @@ class DeviceColor:
         out = []
         for color, view in zip(self.colors, views):
             mean, std = self.mean.to(view.device), self.std.to(view.device)
-            out.append((color(view.float()) - mean) / std)
+            view = view.float().div_(255.0) if view.dtype == torch.uint8 else view.float()  # fast path: uint8
+            out.append((color(view) - mean) / std)
         return {**batch, "image": out}
 
 

@@ -111,6 +111,11 @@ class DataConfig:
     local_blur_prob: float = bounded(0.5, ge=0, le=1)
     # device: batched after transfer (measured faster) | workers: per sample in the data workers.
     color_augment_on: Literal["device", "workers"] = "device"
+    # fast: crop boxes drawn from the JPEG header, DCT-domain reduced decode, torch resize, uint8 to the
+    # device (data_pipeline/fast_crops.py) | reference: full PIL decode, PIL resize, float in the workers.
+    decode: Literal["fast", "reference"] = "fast"
+    # pil: the WebDataset reader in DataLoader workers | dali: NVIDIA DALI (extra [dali]; pretrain/data.py).
+    backend: Literal["pil", "dali"] = "pil"
 
 
 @dataclass
@@ -197,6 +202,8 @@ class TrackingConfig:
     flush_interval: float = bounded(5.0, gt=0)
     # At the end of a run, how long to try delivering what is still queued.
     close_timeout: float = bounded(30.0, ge=0)
+    # CPU/GPU utilization, memory and GPU power under system/ in the run.
+    system_metrics: bool = True
 
 
 @dataclass

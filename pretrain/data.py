@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from data_pipeline.augment import eval_transform
 from data_pipeline.loader import ResumableLoader
 from pretrain.config import Config, ConfigError
-from pretrain.methods.registry import build_train_transform
+from pretrain.methods.registry import METHODS, build_train_transform
 from pretrain.runtime.world import WorldInfo
+
+if TYPE_CHECKING:
+    from data_pipeline.dali_loader import DaliLoader
 
 
 def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
@@ -19,8 +24,10 @@ def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
         raise ConfigError(f"data.shards: {exc}") from exc
 
 
-def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
+def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader | DaliLoader:
     data = cfg.data
+    if data.backend == "dali":
+        return _dali_loader(cfg, world)
     return ResumableLoader(
         data.shards,
         batch_size=data.batch_size,
@@ -35,6 +42,46 @@ def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
         split=data.split,
         pin_memory=data.pin_memory,
         prefetch_factor=data.prefetch_factor,
+    )
+
+
+def validate_data_backend(cfg: Config) -> None:
+    """data.backend = "dali" crops images itself, so the method must train on crops of images (its spec's
+    crop_views), leave color to the device, and DALI must be installed."""
+    if cfg.data.backend != "dali":
+        return
+    from data_pipeline.dali_loader import dali_available
+
+    if METHODS[cfg.method.name].crop_views is None:
+        raise ConfigError(
+            f"data.backend: 'dali' makes random-resized crops of images; method '{cfg.method.name}' does not train on them"
+        )
+    if cfg.data.color_augment_on != "device":
+        raise ConfigError("data.color_augment_on: the dali backend leaves color to the device; set 'device'")
+    if why := dali_available():
+        raise ConfigError(f"data.backend: {why}")
+
+
+def _dali_loader(cfg: Config, world: WorldInfo) -> DaliLoader:
+    """The same shards and views through DALI (nvJPEG on CUDA); uint8 out, normalized on the device."""
+    from data_pipeline.dali_loader import DaliLoader
+    from pretrain.engines.base import resolve_device
+
+    data = cfg.data
+    crops = METHODS[cfg.method.name].crop_views(cfg)
+    return DaliLoader(
+        data.shards,
+        batch_size=data.batch_size,
+        views=crops.views,
+        single=crops.single,
+        hflip=data.hflip,
+        seed=cfg.run.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+        num_threads=max(1, data.num_workers),
+        shuffle_buffer=data.shuffle_buffer,
+        split=data.split,
+        device=resolve_device(cfg.run.device, world),
     )
 
 

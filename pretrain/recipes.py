@@ -10,6 +10,7 @@ from typing import Any
 
 from kernels.attention import unavailable_reason
 from pretrain.config import Config, ConfigError, apply_overrides, build_section, read_toml, validate_core
+from pretrain.data import validate_data_backend
 from pretrain.engines import EnginesConfig, validate_engine
 from pretrain.methods.registry import MethodsConfig, validate_method
 
@@ -51,6 +52,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attn_backend: {why}")
     validate_engine(cfg)
     validate_method(cfg)
+    validate_data_backend(cfg)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -40,6 +40,7 @@ from pretrain.runtime.preemption import StopRequest
 from pretrain.runtime.watchdog import Watchdog
 from pretrain.runtime.world import host_tags, world_from_env
 from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
+from pretrain.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger("pretrain.train")
 
@@ -191,7 +192,8 @@ class Trainer:
         rank_state = load_rank_state(path, self.world.rank)
         if meta["world_size"] != self.world.world_size:
             saved = [load_rank_state(path, rank) for rank in range(meta["world_size"])]
-            rank_state = {**(rank_state or saved[0]), "data": merge_states([s["data"] for s in saved])}
+            merge = getattr(self.loader, "merge_states", merge_states)  # a loader's own rule (DALI's)
+            rank_state = {**(rank_state or saved[0]), "data": merge([s["data"] for s in saved])}
             log.warning(
                 "checkpoint written at world size %d, resuming at %d: model and optimizer are resharded; "
                 "data streams continue where their layout allows",
@@ -205,6 +207,16 @@ class Trainer:
         self.mlflow_run_id = meta.get("mlflow_run_id")
         self.job_key = meta.get("job_key", self.job_key)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _system_metrics(self) -> SystemMetrics | None:
+        """CPU/GPU utilization, memory and power into the run, when tracked and switched on."""
+        if not (self.cfg.tracking.system_metrics and self.tracker.enabled):
+            return None
+        try:
+            return SystemMetrics(self.tracker, lambda: self.step).start()
+        except Exception:  # psutil or MLflow's samplers missing or failing: the run goes on without them
+            log.warning("tracking: system metrics unavailable", exc_info=True)
+            return None
 
     # ------------------------------------------------------------------ the loop
 
@@ -224,6 +236,7 @@ class Trainer:
         stop_request = StopRequest().install()  # after the loader's workers start: they keep the default
         log_file = self.run_dir / "logs" / f"rank_{self.world.rank:05d}.log"
         watchdog = Watchdog(cfg.train.watchdog_timeout, log_file, self.world.rank).start()
+        system = self._system_metrics()
         try:
             while self.step < stop:
                 before = (rng_state(), self.loader.state_dict()) if cfg.train.on_nonfinite == "stop" else None
@@ -259,6 +272,8 @@ class Trainer:
         finally:
             watchdog.stop()
             stop_request.restore()
+            if system is not None:
+                system.stop()
             self.tracker.close(timeout=cfg.tracking.close_timeout, status=status)
         result.step = self.step
         result.mlflow_run_id = self.tracker.run_id

@@ -9,12 +9,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, mae_transform
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.activation_memory import INDEX, STAT, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, bounded
 from pretrain.flops import FlopCount, block_flops, linear_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
+from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.pos_embed import sincos_pos_embed_2d
 from pretrain.models.transformer import Block, init_linear_and_norm
@@ -219,11 +220,6 @@ def build(cfg: Config) -> MaskedAutoencoder:
     )
 
 
-def train_transform(cfg: Config):
-    data = cfg.data
-    return mae_transform(data.image_size, data.crop_scale, data.mean, data.std, data.hflip)
-
-
 def flops(cfg: Config) -> FlopCount:
     """Encoder on the visible patches (+ cls), decoder embedding, decoder blocks on all patches + cls, prediction."""
     mae, dim = cfg.method.mae, vit_width(cfg)
@@ -262,4 +258,14 @@ def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
     }
 
 
-SPEC = MethodSpec("mae", MAEConfig, build, train_transform, validate=validate, flops=flops, activations=activations)
+SPEC = MethodSpec(
+    "mae",
+    MAEConfig,
+    build,
+    single_crop_transform,
+    validate=validate,
+    device_transform=single_crop_device_transform,
+    flops=flops,
+    activations=activations,
+    crop_views=single_crop_views,
+)

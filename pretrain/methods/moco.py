@@ -16,7 +16,11 @@ from pretrain.distributed import all_gather_cat, rank
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
-from pretrain.methods.joint_embedding import joint_embedding_device_transform, joint_embedding_transform
+from pretrain.methods.joint_embedding import (
+    joint_embedding_crop_views,
+    joint_embedding_device_transform,
+    joint_embedding_transform,
+)
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import init_moco_mlp, moco_mlp
 from pretrain.models.vit import VIT_SIZES, VisionTransformer
@@ -197,4 +201,5 @@ SPEC = MethodSpec(
     activations=activations,
     collectives=collectives,
     averaged_network_runs_forward=True,
+    crop_views=joint_embedding_crop_views,
 )

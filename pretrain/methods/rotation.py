@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, mae_transform
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
+from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VIT_SIZES, VisionTransformer
@@ -130,12 +131,6 @@ def build(cfg: Config) -> RotationPrediction:
     )
 
 
-def train_transform(cfg: Config):
-    """Random resized crop and flip, as the paper's training: the rotations are made on the device."""
-    data = cfg.data
-    return mae_transform(data.image_size, data.crop_scale, data.mean, data.std, data.hflip)
-
-
 def flops(cfg: Config) -> FlopCount:
     """The encoder and the head on all four rotations of the image."""
     hidden = cfg.method.rotation.head_hidden_dim
@@ -160,6 +155,15 @@ def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
     }
 
 
+# A random resized crop and flip per image, as the paper trains; the rotations are made in `forward`.
 SPEC = MethodSpec(
-    "rotation", RotationConfig, build, train_transform, validate=validate, flops=flops, activations=activations
+    "rotation",
+    RotationConfig,
+    build,
+    single_crop_transform,
+    validate=validate,
+    device_transform=single_crop_device_transform,
+    flops=flops,
+    activations=activations,
+    crop_views=single_crop_views,
 )

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pretrain.activation_memory import Collective
 from pretrain.config import Config
 from pretrain.flops import FlopCount
 from pretrain.methods.base import Method
+
+
+class CropViews(NamedTuple):
+    """The random-resized crops a method trains on, for data backends that crop by themselves (DALI)."""
+
+    # (output side, crop area fraction range) of each view
+    views: list[tuple[int, tuple[float, float]]]
+    # one view, batched as a tensor; else a list of view tensors
+    single: bool
 
 
 @dataclass(frozen=True)
@@ -38,3 +48,5 @@ class MethodSpec:
     # Whether the averaged network of `ema_pairs` (momentum encoder, teacher) runs forward in training, so
     # a sharded copy of it is gathered every step; an EMA kept only for sampling (DiT) does not.
     averaged_network_runs_forward: bool = False
+    # cfg -> the crops of each image the train transform makes; None: its samples are no image crops (latents).
+    crop_views: Callable[[Config], CropViews] | None = None

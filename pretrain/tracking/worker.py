@@ -27,6 +27,9 @@ logger = logging.getLogger("pretrain.tracking")
 # characters plus 100 tags of 8000 would exceed the 1 MB request cap.
 _METRICS_PER_CALL = 1000
 JOB_KEY_TAG = "pretrain.job_key"  # identifies one training job across restarts
+# MLflow 3's UI opens an experiment without this tag in its GenAI view; this value selects model training
+# (the UI's ExperimentKind CUSTOM_MODEL_DEVELOPMENT).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _PARAMS_PER_CALL = 100
 _MAX_BACKOFF_S = 30.0
 _URGENT_RETRY_S = 1.0
@@ -212,13 +215,16 @@ class DeliveryWorker:
         if exp is None:
             try:
                 location = local_artifact_location(self.tracking_uri)
-                return client.create_experiment(self.experiment, artifact_location=location)
+                return client.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 exp = client.get_experiment_by_name(self.experiment)  # another job created it first
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag, or by hand
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
 
     def _deliver(self, send: Callable[[], None], requeue: Callable[[], None], what: str) -> None:
