@@ -35,6 +35,7 @@ from pretrain.memory import peak_memory_gb
 from pretrain.methods.registry import build_device_transform, build_method, flops_per_sample
 from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr
 from pretrain.progress import Progress
+from pretrain.recipes import config_from_saved
 from pretrain.rng import rng_state, seed_everything, seed_step, set_rng_state
 from pretrain.runtime.preemption import StopRequest
 from pretrain.runtime.watchdog import Watchdog
@@ -171,7 +172,14 @@ class Trainer:
         return self.checkpoints.save(self.step, write, rank_state, meta, fmt)
 
     def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        """Architecture changes cannot resume; other changed settings are allowed but reported."""
+        """Architecture changes cannot resume; other changed settings are allowed but reported.
+
+        The saved config is read with today's schema first, so a field added since (at its default,
+        which keeps the old behaviour) is no change; one set otherwise is named in the error."""
+        try:
+            saved = config_from_saved(saved).to_dict()
+        except ConfigError:
+            pass  # compare as saved: every difference is reported
         before, now = flatten_config(saved), flatten_config(self.cfg.to_dict())
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         fatal = [k for k in changed if k.split(".")[0] in ("model", "method")]

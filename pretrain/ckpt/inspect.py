@@ -66,10 +66,10 @@ def _encoder_prefix(config: dict[str, Any]) -> str | None:
         import torch
 
         from pretrain.methods.registry import build_method
-        from pretrain.recipes import config_from_dict
+        from pretrain.recipes import config_from_saved
 
         with torch.device("meta"):
-            method = build_method(config_from_dict(config))
+            method = build_method(config_from_saved(config))
         return _module_prefix(method, method.inference_network())
     except Exception:  # an old or foreign config: the encoder line is just left out
         return None
