@@ -118,6 +118,19 @@ class ModelConfig:
     patch_size: int = bounded(16, gt=0)
     in_chans: int = bounded(3, gt=0)
     attn_backend: AttentionBackend = "sdpa"
+    # Attention heads; 0: the size's (small: 6, as DeiT and DINO; the MoCo v3 paper's ViT-S has 12).
+    num_heads: int = bounded(0, ge=0)
+    # sincos: fixed table (MAE, MoCo v3) | learned: trained N x D | learned_cls: trained (N + 1) x D, the
+    # first row added to the cls token (DINO).
+    pos_embed: Literal["sincos", "learned", "learned_cls"] = "sincos"
+    # The sin-cos table's first half of channels encodes the column (MAE, DiT) or the row (MoCo v3).
+    sincos_order: Literal["col_first", "row_first"] = "col_first"
+    # Positions for a smaller input (DINO's local crops): size: bicubic to the new grid g | scale_offset:
+    # bicubic with scale factor (g + 0.1) / G (the DINO reference).
+    pos_interpolation: Literal["size", "scale_offset"] = "size"
+    # xavier (MAE) | xavier_split_qkv: q, k, v each Xavier, cls N(0, 1e-6) (MoCo v3) | trunc_normal: std 0.02
+    # linears, cls and learned positions, default patch conv (DINO). pretrain/models/vit.py says more.
+    init: Literal["xavier", "xavier_split_qkv", "trunc_normal"] = "xavier"
 
 
 @dataclass
