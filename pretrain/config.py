@@ -168,6 +168,10 @@ class TrainConfig:
     async_checkpoint: bool = False
     # auto | none | path to a checkpoint directory.
     resume: str = "auto"
+    # A DCP checkpoint (or run directory) whose model weights start a new run at step 0, with a fresh
+    # optimizer and schedule: fine-tuning, or training on from `pretrain ckpt import`. Empty: none.
+    # A run that resumes from its own checkpoint ignores it.
+    init_from: str = ""
     # auto: bf16 autocast on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # stop: checkpoint the last good state and exit | skip: drop the step.

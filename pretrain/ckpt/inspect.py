@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pretrain.checkpoint import find_checkpoint, read_meta
+from pretrain.ckpt.released import load_tensors_only
 from pretrain.models.vit import VIT_SIZES
 from pretrain.optim import scaled_lr
 
@@ -127,10 +128,10 @@ def _deepspeed_tensor_summary(path: Path) -> dict[str, Any]:
         summary["optimizer_bytes"] = sum(f.stat().st_size for f in optim_files)
     if not model_files:
         return summary
-    try:
-        state = torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # e.g. DeepSpeed classes in the pickle and no DeepSpeed installed
-        summary["note"] = f"model-state file not readable here: {type(exc).__name__}: {exc}"
+    try:  # tensors and plain containers only: inspect may be pointed at any directory, and never runs its code
+        state = load_tensors_only(model_files[0], mmap=True)
+    except Exception as exc:  # UnsafeCheckpointError names what the file needs
+        summary["note"] = f"model-state file not readable here: {exc}"
         return summary
     shapes: dict[str, Any] = {}
     for group in state.get("param_shapes") or []:
