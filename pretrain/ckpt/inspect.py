@@ -60,9 +60,10 @@ def _config_summary(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     }
 
 
-def _encoder_prefix(config: dict[str, Any]) -> str | None:
-    """Where the encoder sits in the method's state dict ("backbone." for MAE), from the method built
-    on the meta device (no memory, no init work); None when the config cannot be built."""
+def _encoder_summary(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the encoder sits in the method's state dict ("backbone." for MAE) and its two parameter counts
+    (trainable, and as the papers count them), from the method built on the meta device (no memory, no
+    init work); None when the config cannot be built."""
     try:
         import torch
 
@@ -71,7 +72,18 @@ def _encoder_prefix(config: dict[str, Any]) -> str | None:
 
         with torch.device("meta"):
             method = build_method(config_from_saved(config))
-        return _module_prefix(method, method.inference_network())
+        encoder = method.inference_network()
+        summary = {
+            "prefix": _module_prefix(method, encoder),
+            "trainable_parameters": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
+        }
+        if hasattr(encoder, "published_parameter_count"):
+            summary["published_parameters"] = encoder.published_parameter_count()
+        # The averaged twins (teacher, EMA) are not trained by the optimizer: count the online network.
+        online = dict(method.ema_pairs()).get(encoder)
+        if online is not None:
+            summary["trainable_parameters"] = sum(p.numel() for p in online.parameters() if p.requires_grad)
+        return summary
     except Exception:  # an old or foreign config: the encoder line is just left out
         return None
 
@@ -83,8 +95,9 @@ def _module_prefix(root, module) -> str:
     raise ValueError("the encoder is not a submodule of the method")
 
 
-def _dcp_tensor_summary(path: Path, encoder_prefix: str | None) -> dict[str, Any]:
+def _dcp_tensor_summary(path: Path, built: dict[str, Any] | None) -> dict[str, Any]:
     """Per top-level part ("model", "optim"): tensors, elements, bytes and dtypes, from DCP metadata only."""
+    encoder_prefix = built["prefix"] if built else None
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     planner = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     parts: dict[str, dict[str, Any]] = {}
@@ -111,6 +124,10 @@ def _dcp_tensor_summary(path: Path, encoder_prefix: str | None) -> dict[str, Any
             encoder = part.setdefault("encoder", {"tensors": 0, "parameters": 0})
             encoder["tensors"] += 1
             encoder["parameters"] += numel
+    if built and "encoder" in parts.get("model", {}):
+        for key in ("trainable_parameters", "published_parameters"):
+            if key in built:
+                parts["model"]["encoder"][key] = built[key]
     if "optim" in parts and planner:
         paths = [planner[key] for key in metadata.state_dict_metadata if key.startswith("optim.") and key in planner]
         parts["optim"]["parameters_with_state"] = len({p[2] for p in paths if len(p) > 2 and p[1] == "state"})
@@ -166,7 +183,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "disk": {"bytes": total_bytes, "files": num_files},
     }
     if info["format"] == "dcp":
-        info["tensors"] = _dcp_tensor_summary(ckpt, _encoder_prefix(config))
+        info["tensors"] = _dcp_tensor_summary(ckpt, _encoder_summary(config))
     elif info["format"] == "deepspeed":
         info["deepspeed"] = _deepspeed_tensor_summary(ckpt)
     return info
@@ -225,6 +242,16 @@ def format_report(info: dict[str, Any]) -> str:
         if "encoder" in m:
             text += f"; encoder {m['encoder']['tensors']} tensors, {m['encoder']['parameters']:,} parameters"
         lines.append(("model state", text))
+        encoder = m.get("encoder", {})
+        if "trainable_parameters" in encoder:
+            text = f"{encoder['trainable_parameters']:,} trainable"
+            if "published_parameters" in encoder:
+                text += (
+                    f", {encoder['published_parameters']:,} as the papers count them (frozen layers and fixed "
+                    "position tables included; for a ViT also the 1000-class classifier of the ViT paper; for DiT "
+                    "its variance outputs)"
+                )
+            lines.append(("encoder params", text))
     if "optim" in tensors:
         o = tensors["optim"]
         text = f"{o['tensors']} tensors, {o['elements']:,} elements ({format_bytes(o['bytes'])} {_dtypes(o)})"

@@ -238,6 +238,18 @@ class VisionTransformer(nn.Module):
             return tokens[:, 1:].mean(dim=1)
         raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
 
+    def published_parameter_count(self, num_classes: int = 1000) -> int:
+        """Parameters as the ViT, MAE, MoCo v3 and DINO papers count them: every parameter, frozen or not,
+        plus a fixed position table of (N + 1) x D (the released codes store it as a frozen parameter,
+        cls row included), plus the `num_classes`-way classifier the ViT paper's counts include when this
+        network has none (ViT-B/16: 86,567,656)."""
+        count = sum(p.numel() for p in self.parameters())
+        if self.pos_embed_kind == "sincos":
+            count += (self.num_patches + 1) * self.embed_dim
+        if isinstance(self.head, nn.Identity):
+            count += self.embed_dim * num_classes + num_classes
+        return count
+
     def forward(self, images: Tensor) -> Tensor:
         """Class logits when built with a head, pooled features otherwise."""
         return self.head(self.forward_features(images))
