@@ -40,7 +40,9 @@ def sample_grid(
     method.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     labels = torch.full((num,), label, dtype=torch.long, device=device)
-    latents = method.generate(labels, steps, cfg_scale, sampler, generator, use_ema=use_ema, guided_channels=guided_channels)
+    latents = method.generate(
+        labels, steps, cfg_scale, sampler, generator, use_ema=use_ema, guided_channels=guided_channels
+    )
     return image_grid(method.decode(latents), nrow=math.ceil(math.sqrt(num)))
 
 

@@ -200,7 +200,9 @@ class Trainer:
         path = find_checkpoint(spec)
         meta = read_meta(path)
         if meta.get("format", "dcp") != "dcp":
-            raise ConfigError(f"train.init_from: {path} is a {meta.get('format')} checkpoint; `pretrain ckpt convert --to dcp` it")
+            raise ConfigError(
+                f"train.init_from: {path} is a {meta.get('format')} checkpoint; `pretrain ckpt convert --to dcp` it"
+            )
         if self.engine.name == "deepspeed":
             raise ConfigError("train.init_from: not available with engine.kind = deepspeed; start on a DCP engine")
         self._check_resumable(meta["config"], path)

@@ -129,7 +129,11 @@ def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, stud
 
 def teacher_temperatures(warmup: float, final: float, warmup_epochs: int, epochs: int) -> list[float]:
     """The released per-epoch teacher temperature: linspace over the warm-up epochs, then constant."""
-    ramp = [warmup + (final - warmup) * i / (warmup_epochs - 1) for i in range(warmup_epochs)] if warmup_epochs > 1 else [final] * warmup_epochs
+    ramp = (
+        [warmup + (final - warmup) * i / (warmup_epochs - 1) for i in range(warmup_epochs)]
+        if warmup_epochs > 1
+        else [final] * warmup_epochs
+    )
     return ramp + [final] * (epochs - warmup_epochs)
 
 

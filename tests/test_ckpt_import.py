@@ -112,12 +112,19 @@ def test_transposed_fixed_table_fails_naming_the_option(tmp_path):
     model["pos_embed"] = row_first_sincos_table(GRID, DIM)[None]
     torch.save({"model": model}, tmp_path / "mae.pth")
     with pytest.raises(ValueError, match="model.sincos_order"):
-        import_checkpoint("mae", tmp_path / "mae.pth", REPO / "configs/mae_vit_tiny_digits.toml", tmp_path / "r", common(*MAE))
+        import_checkpoint(
+            "mae", tmp_path / "mae.pth", REPO / "configs/mae_vit_tiny_digits.toml", tmp_path / "r", common(*MAE)
+        )
 
 
 # ------------------------------------------------------------------------------------------------ DINO
 
-DINO = ["method.dino.out_dim=40", "method.dino.hidden_dim=48", "method.dino.bottleneck_dim=16", "data.local_crop_size=8"]
+DINO = [
+    "method.dino.out_dim=40",
+    "method.dino.hidden_dim=48",
+    "method.dino.bottleneck_dim=16",
+    "data.local_crop_size=8",
+]
 DINO_CONFIG = REPO / "configs/dino_vit_tiny_digits.toml"
 
 
@@ -126,16 +133,25 @@ def released_dino_head(seed: int, norm_last_layer: bool = True) -> dict:
     dims = [DIM, 48, 48, 16]
     head = {}
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        head[f"mlp.{2 * i}.weight"], head[f"mlp.{2 * i}.bias"] = torch.randn(b, a, generator=g) * 0.05, torch.randn(b, generator=g) * 0.01
+        head[f"mlp.{2 * i}.weight"], head[f"mlp.{2 * i}.bias"] = (
+            torch.randn(b, a, generator=g) * 0.05,
+            torch.randn(b, generator=g) * 0.01,
+        )
     head["last_layer.weight_g"] = torch.ones(40, 1) if norm_last_layer else 1 + 0.1 * torch.rand(40, 1, generator=g)
     head["last_layer.weight_v"] = torch.randn(40, 16, generator=g)
     return head
 
 
 def dino_training_file(path: Path, extra: dict | None = None) -> dict:
-    student = {**{f"backbone.{k}": v for k, v in released_vit().items()}, **{f"head.{k}": v for k, v in released_dino_head(1).items()}}
+    student = {
+        **{f"backbone.{k}": v for k, v in released_vit().items()},
+        **{f"head.{k}": v for k, v in released_dino_head(1).items()},
+    }
     teacher_vit = {k: v + 0.01 for k, v in released_vit().items()}
-    teacher = {**{f"backbone.{k}": v for k, v in teacher_vit.items()}, **{f"head.{k}": v for k, v in released_dino_head(2).items()}}
+    teacher = {
+        **{f"backbone.{k}": v for k, v in teacher_vit.items()},
+        **{f"head.{k}": v for k, v in released_dino_head(2).items()},
+    }
     content = {
         "student": {f"module.{k}": v for k, v in student.items()},  # the DDP-wrapped student
         "teacher": teacher,
@@ -165,7 +181,11 @@ def test_dino_training_checkpoint_gives_the_released_loss(tmp_path):
         return dino_head(w, "head.", vit_cls(w, x, DEPTH, HEADS, PATCH, cls_position=True), 3)
 
     reference = dino_loss(
-        [out(student, v) for v in views], [out(teacher, v) for v in views[:2]], content["dino_loss"]["center"][0], 0.1, 0.04
+        [out(student, v) for v in views],
+        [out(teacher, v) for v in views[:2]],
+        content["dino_loss"]["center"][0],
+        0.1,
+        0.04,
     )
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
 
@@ -173,11 +193,15 @@ def test_dino_training_checkpoint_gives_the_released_loss(tmp_path):
 def test_dino_backbone_file_round_trips_through_export(tmp_path):
     backbone = released_vit()
     torch.save(backbone, tmp_path / "dino_deittiny4_pretrain.pth")
-    done = import_checkpoint("dino", tmp_path / "dino_deittiny4_pretrain.pth", DINO_CONFIG, tmp_path / "run", common(*DINO))
+    done = import_checkpoint(
+        "dino", tmp_path / "dino_deittiny4_pretrain.pth", DINO_CONFIG, tmp_path / "run", common(*DINO)
+    )
     assert any("backbone-only" in note for note in done["notes"])
     _, method, _ = load_method(tmp_path / "run")
     x = images()
-    assert torch.allclose(method.inference_network().forward_features(x), vit_cls(backbone, x, DEPTH, HEADS, PATCH, True), atol=1e-5)
+    assert torch.allclose(
+        method.inference_network().forward_features(x), vit_cls(backbone, x, DEPTH, HEADS, PATCH, True), atol=1e-5
+    )
     export_weights(tmp_path / "run", tmp_path / "teacher.safetensors")
     exported = load_file(str(tmp_path / "teacher.safetensors"))
     assert exported.keys() == backbone.keys() and all(torch.equal(exported[k], backbone[k]) for k in backbone)
@@ -194,7 +218,14 @@ def test_imported_checkpoint_starts_training_and_evaluation(tmp_path, digit_shar
     from pretrain.eval.run import evaluate_knn
 
     assert 0 <= evaluate_knn(tmp_path / "run")["knn_top1"] <= 1
-    overrides = [*common(*DINO), *extra, f'run.output_dir="{tmp_path}"', "run.name=ft", "train.steps=1", "optim.warmup_steps=0"]
+    overrides = [
+        *common(*DINO),
+        *extra,
+        f'run.output_dir="{tmp_path}"',
+        "run.name=ft",
+        "train.steps=1",
+        "optim.warmup_steps=0",
+    ]
     cfg = load_config(DINO_CONFIG, [*overrides, f'train.init_from="{tmp_path / "run"}"'])
     trainer = Trainer(cfg)
     _, imported, _ = load_method(tmp_path / "run")
@@ -202,7 +233,11 @@ def test_imported_checkpoint_starts_training_and_evaluation(tmp_path, digit_shar
         assert torch.equal(trainer.method.state_dict()[name], value), name
     assert trainer.step == 0
     with pytest.raises(ConfigError, match="train.init_from"):
-        Trainer(load_config(DINO_CONFIG, [*overrides, "run.name=again", f'train.resume="{tmp_path / "run" / "checkpoints"}"']))
+        Trainer(
+            load_config(
+                DINO_CONFIG, [*overrides, "run.name=again", f'train.resume="{tmp_path / "run" / "checkpoints"}"']
+            )
+        )
 
 
 # ------------------------------------------------------------------------------------------------ MoCo v3
@@ -215,7 +250,10 @@ def released_bn(prefix: str, dim: int, affine: bool, g: torch.Generator) -> dict
     w = {f"{prefix}running_mean": torch.zeros(dim), f"{prefix}running_var": torch.ones(dim),
          f"{prefix}num_batches_tracked": torch.tensor(5)}  # fmt: skip
     if affine:
-        w[f"{prefix}weight"], w[f"{prefix}bias"] = 1 + 0.1 * torch.randn(dim, generator=g), 0.1 * torch.randn(dim, generator=g)
+        w[f"{prefix}weight"], w[f"{prefix}bias"] = (
+            1 + 0.1 * torch.randn(dim, generator=g),
+            0.1 * torch.randn(dim, generator=g),
+        )
     return w
 
 
@@ -253,9 +291,14 @@ def test_moco_v3_file_gives_the_released_loss(tmp_path):
     views = [images(6), images(6) * -1]
     loss = method({"image": views})["loss"]
     base = {k[len("module.base_encoder.") :]: v for k, v in state.items() if k.startswith("module.base_encoder.")}
-    momentum = {k[len("module.momentum_encoder.") :]: v for k, v in state.items() if k.startswith("module.momentum_encoder.")}
+    momentum = {
+        k[len("module.momentum_encoder.") :]: v for k, v in state.items() if k.startswith("module.momentum_encoder.")
+    }
     predictor = {k[len("module.predictor.") :]: v for k, v in state.items() if k.startswith("module.predictor.")}
-    q1, q2 = (moco_mlp(predictor, "", moco_mlp(base, "head.", vit_cls(base, x, DEPTH, HEADS, PATCH, False), 3), 2) for x in views)
+    q1, q2 = (
+        moco_mlp(predictor, "", moco_mlp(base, "head.", vit_cls(base, x, DEPTH, HEADS, PATCH, False), 3), 2)
+        for x in views
+    )
     k1, k2 = (moco_mlp(momentum, "head.", vit_cls(momentum, x, DEPTH, HEADS, PATCH, False), 3) for x in views)
     assert loss.item() == pytest.approx(moco_v3_loss(q1, q2, k1, k2, 0.2).item(), rel=1e-5)
 
@@ -318,7 +361,9 @@ def test_unknown_missing_and_misshaped_keys_are_listed(tmp_path):
     model["norm.weight"] = torch.ones(100)
     torch.save({"model": model}, tmp_path / "mae.pth")
     with pytest.raises(ValueError) as error:
-        import_checkpoint("mae", tmp_path / "mae.pth", REPO / "configs/mae_vit_tiny_digits.toml", tmp_path / "r", common(*MAE))
+        import_checkpoint(
+            "mae", tmp_path / "mae.pth", REPO / "configs/mae_vit_tiny_digits.toml", tmp_path / "r", common(*MAE)
+        )
     text = str(error.value)
     assert "backbone.blocks.0.attn.extra" in text and "backbone.blocks.11.mlp.fc2.bias" in text
     assert "backbone.norm.weight: shape (100,) in the file, (192,) in the method" in text

@@ -71,7 +71,10 @@ def test_inspect_reads_meta_config_and_tensor_sizes(trained, capsys):
     assert f"{count_parameters(method):,} parameters" in text
     assert f"{optim['tensors']} tensors" in text
     assert "global batch     8 = 8 per process x 1 accum x 1 process" in text
-    assert f"encoder params   {count_parameters(encoder):,} trainable, {model['encoder']['published_parameters']:,} as the papers count them" in text
+    assert (
+        f"encoder params   {count_parameters(encoder):,} trainable, {model['encoder']['published_parameters']:,} as the papers count them"
+        in text
+    )
 
 
 def test_inspect_json_mode(trained, capsys):

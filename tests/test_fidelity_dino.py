@@ -54,7 +54,9 @@ def test_learned_table_has_a_cls_row_added_to_the_cls_token():
     assert not torch.allclose(vit.forward_features(images), reference, atol=1e-3)
     shifted = vit_cls(dict(vit.named_parameters()), images, DEPTH, HEADS, PATCH, cls_position=True)
     assert torch.allclose(vit.forward_features(images), shifted, atol=1e-5)
-    learned = VisionTransformer(img_size=32, patch_size=PATCH, embed_dim=DIM, depth=1, num_heads=HEADS, pos_embed="learned")
+    learned = VisionTransformer(
+        img_size=32, patch_size=PATCH, embed_dim=DIM, depth=1, num_heads=HEADS, pos_embed="learned"
+    )
     assert learned.pos_embed.shape == (1, 64, DIM)
 
 
@@ -86,7 +88,9 @@ def test_local_crops_sample_the_table_g_plus_0_1_apart():
     assert torch.allclose(sampled, sampled[:, :1].expand(g, g))
     for i in range(g):
         assert sampled[i, 0].item() == pytest.approx(cubic_sample(table, (i + 0.5) * G / (g + 0.1) - 0.5), abs=1e-4)
-    resized = VisionTransformer(img_size=G * PATCH, patch_size=PATCH, embed_dim=4, depth=1, num_heads=1, pos_embed="learned")
+    resized = VisionTransformer(
+        img_size=G * PATCH, patch_size=PATCH, embed_dim=4, depth=1, num_heads=1, pos_embed="learned"
+    )
     resized.load_state_dict(vit.state_dict())
     plain = resized.position_embedding(g * PATCH, g * PATCH)[0, :, 0].view(g, g)
     for i in range(g):
@@ -150,7 +154,9 @@ def test_teacher_temperature_per_epoch_is_the_released_schedule():
         assert dino.teacher_temperature().item() == pytest.approx(released[step // per_epoch], abs=1e-7), step
     dino.steps_done.fill_((warmup_epochs - 1) * per_epoch)
     assert dino.teacher_temperature().item() == pytest.approx(0.07)  # final from epoch W - 1
-    per_step = tiny_dino(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_steps=warmup_epochs * per_epoch)
+    per_step = tiny_dino(
+        teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_steps=warmup_epochs * per_epoch
+    )
     per_step.steps_done.fill_((warmup_epochs - 1) * per_epoch)
     assert per_step.teacher_temperature().item() < 0.07  # the per-step ramp reaches it at W
 

@@ -68,7 +68,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     for note in done["notes"]:
         print(f"note: {note}")
     if done["dropped"]:
-        print(f"dropped {len(done['dropped'])} entries: {', '.join(done['dropped'][:6])}{' ...' if len(done['dropped']) > 6 else ''}")
+        print(
+            f"dropped {len(done['dropped'])} entries: {', '.join(done['dropped'][:6])}{' ...' if len(done['dropped']) > 6 else ''}"
+        )
     print(f'start training from it with --set train.init_from="{args.out}"')
     return 0
 
@@ -108,7 +110,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     imp.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="the file's layout")
     imp.add_argument("file", help="the released file (read with tensors only: code in it is never executed)")
-    imp.add_argument("--config", required=True, help="the recipe whose method the weights fill (e.g. configs/dino_vit_s16.toml)")
-    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    imp.add_argument("--out", required=True, help="directory to create; the checkpoint goes to OUT/checkpoints/step_00000000")
+    imp.add_argument(
+        "--config", required=True, help="the recipe whose method the weights fill (e.g. configs/dino_vit_s16.toml)"
+    )
+    imp.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    imp.add_argument(
+        "--out", required=True, help="directory to create; the checkpoint goes to OUT/checkpoints/step_00000000"
+    )
     imp.set_defaults(func=cmd_import)

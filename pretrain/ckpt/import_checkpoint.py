@@ -48,7 +48,11 @@ def _strip(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keys(state: Any) -> str:
-    return ", ".join(sorted(map(str, state))[:12]) + (" ..." if len(state) > 12 else "") if isinstance(state, dict) else type(state).__name__
+    return (
+        ", ".join(sorted(map(str, state))[:12]) + (" ..." if len(state) > 12 else "")
+        if isinstance(state, dict)
+        else type(state).__name__
+    )
 
 
 def _vit(state: dict[str, Tensor], ours: str, out: Mapped, fixed_table: bool, what: str) -> None:
@@ -100,8 +104,13 @@ def map_dino(raw: Any, cfg: Config) -> Mapped:
     if "student" in raw or "teacher" in raw:
         for part in ("student", "teacher"):
             if not isinstance(raw.get(part), dict):
-                raise ValueError(f"not a released DINO training checkpoint: no '{part}' state dict (found {_keys(raw)})")
-        for part, backbone, head in (("student", "backbone.", "head."), ("teacher", "teacher_backbone.", "teacher_head.")):
+                raise ValueError(
+                    f"not a released DINO training checkpoint: no '{part}' state dict (found {_keys(raw)})"
+                )
+        for part, backbone, head in (
+            ("student", "backbone.", "head."),
+            ("teacher", "teacher_backbone.", "teacher_head."),
+        ):
             state = raw[part]
             state = _strip("module.", state) if all(k.startswith("module.") for k in state) else state
             known = ("backbone.", "head.")
@@ -116,7 +125,9 @@ def map_dino(raw: Any, cfg: Config) -> Mapped:
             out.absent.append("center")
             out.notes.append("no dino_loss.center in the file: the center starts at zero")
         if "epoch" in raw:
-            out.notes.append(f"trained {raw['epoch']} epochs; schedules (teacher temperature, momentum) restart at step 0")
+            out.notes.append(
+                f"trained {raw['epoch']} epochs; schedules (teacher temperature, momentum) restart at step 0"
+            )
         out.absent.append("steps_done")
         return out
     state = _strip("module.", raw) if all(k.startswith("module.") for k in raw) else raw
@@ -129,7 +140,9 @@ def map_dino(raw: Any, cfg: Config) -> Mapped:
     _vit(state, "teacher_backbone.", out, fixed_table=False, what="")
     _vit(state, "backbone.", out, fixed_table=False, what="")
     out.absent += ["head.", "teacher_head.", "center", "steps_done"]
-    out.notes.append("a backbone-only file (the released teacher): student and teacher start from it; the DINO head keeps its initialization")
+    out.notes.append(
+        "a backbone-only file (the released teacher): student and teacher start from it; the DINO head keeps its initialization"
+    )
     return out
 
 
@@ -140,7 +153,10 @@ def map_moco_v3(raw: Any, cfg: Config) -> Mapped:
     state = _strip("module.", state) if all(k.startswith("module.") for k in state) else state
     out = Mapped()
     running = (".running_mean", ".running_var", ".num_batches_tracked")
-    parts = (("base_encoder.", "backbone.", "projector."), ("momentum_encoder.", "momentum_backbone.", "momentum_projector."))
+    parts = (
+        ("base_encoder.", "backbone.", "projector."),
+        ("momentum_encoder.", "momentum_backbone.", "momentum_projector."),
+    )
     for prefix, backbone, projector in parts:
         encoder = _strip(prefix, state)
         if not encoder:
@@ -169,7 +185,9 @@ def map_moco_v3(raw: Any, cfg: Config) -> Mapped:
     if not predictor:
         out.absent.append("predictor.")
         out.notes.append("no predictor in the file: it keeps its initialization")
-    out.notes.append("BatchNorm running statistics are dropped: our heads always normalize with batch statistics, as in training")
+    out.notes.append(
+        "BatchNorm running statistics are dropped: our heads always normalize with batch statistics, as in training"
+    )
     return out
 
 
@@ -177,7 +195,9 @@ def map_dit(raw: Any, cfg: Config) -> Mapped:
     if isinstance(raw, dict) and isinstance(raw.get("ema"), dict):
         raw = raw["ema"]  # a training checkpoint {model, ema, opt, args}: the EMA weights, as released
     if not isinstance(raw, dict) or "x_embedder.proj.weight" not in raw:
-        raise ValueError(f"not a released DiT file: expected the EMA state dict (x_embedder.proj.weight, ...), found {_keys(raw)}")
+        raise ValueError(
+            f"not a released DiT file: expected the EMA state dict (x_embedder.proj.weight, ...), found {_keys(raw)}"
+        )
     out = Mapped()
     dit = cfg.method.dit
     rename = {"x_embedder.proj.": "x_embedder.", "y_embedder.embedding_table.": "y_embedder."}
@@ -218,14 +238,12 @@ MAPPERS: dict[str, Callable[[Any, Config], Mapped]] = {
 def _check(mapped: Mapped, target: dict[str, Tensor]) -> None:
     """Unknown, missing and mis-shaped keys, each listed in full."""
     unknown = sorted(k for k in mapped.tensors if k not in target)
-    missing = sorted(
-        k for k in target if k not in mapped.tensors and not any(k.startswith(p) for p in mapped.absent)
-    )
+    missing = sorted(k for k in target if k not in mapped.tensors and not any(k.startswith(p) for p in mapped.absent))
     problems = []
     if unknown:
         hint = ""
         if any(k.endswith("pos_embed") for k in unknown):
-            hint = " (the file learns its positions: set model.pos_embed = \"learned_cls\" or \"learned\")"
+            hint = ' (the file learns its positions: set model.pos_embed = "learned_cls" or "learned")'
         problems.append(f"keys the method does not have: {', '.join(unknown)}{hint}")
     if missing:
         problems.append(f"keys the file does not have: {', '.join(missing)}")
@@ -243,7 +261,7 @@ def _check_tables(mapped: Mapped, method: torch.nn.Module) -> None:
         if ours not in buffers:
             raise ValueError(
                 f"{file_key}: the file's position table is fixed, but model.pos_embed of the config is learned; "
-                "set model.pos_embed = \"sincos\""
+                'set model.pos_embed = "sincos"'
             )
         expected = buffers[ours].reshape(-1, buffers[ours].shape[-1])
         table = table.reshape(-1, table.shape[-1]).float()
@@ -252,10 +270,14 @@ def _check_tables(mapped: Mapped, method: torch.nn.Module) -> None:
                 raise ValueError(f"{file_key}: the first (cls) row of the fixed table is not zero")
             table = table[1:]
         if table.shape != expected.shape:
-            raise ValueError(f"{file_key}: shape {tuple(table.shape)} in the file, {tuple(expected.shape)} in the method")
+            raise ValueError(
+                f"{file_key}: shape {tuple(table.shape)} in the file, {tuple(expected.shape)} in the method"
+            )
         if not torch.allclose(table, expected, atol=1e-4):
             hint = ""
-            transposed = expected.reshape(*[int(expected.shape[0] ** 0.5)] * 2, -1).transpose(0, 1).reshape(expected.shape)
+            transposed = (
+                expected.reshape(*[int(expected.shape[0] ** 0.5)] * 2, -1).transpose(0, 1).reshape(expected.shape)
+            )
             if torch.allclose(table, transposed, atol=1e-4):
                 hint = ": it is the transpose of ours; set model.sincos_order to the other orientation"
             raise ValueError(f"{file_key}: the file's fixed position table differs from the config's{hint}")
@@ -288,11 +310,18 @@ def import_checkpoint(
         "format_version": FORMAT_VERSION,
         "engine": "import",
         "config": cfg.to_dict(),
-        "imported_from": {"layout": source, "file": str(Path(file).resolve()), "notes": mapped.notes, "dropped": mapped.dropped},
+        "imported_from": {
+            "layout": source,
+            "file": str(Path(file).resolve()),
+            "notes": mapped.notes,
+            "dropped": mapped.dropped,
+        },
         "samples_seen": 0,
     }
     manager = CheckpointManager(out / "checkpoints", keep_last=1)
-    path = manager.save(0, lambda directory: dcp_save({"model": method.state_dict()}, directory), {"imported": True}, meta)
+    path = manager.save(
+        0, lambda directory: dcp_save({"model": method.state_dict()}, directory), {"imported": True}, meta
+    )
     return {
         "checkpoint": str(path),
         "tensors": len(mapped.tensors),

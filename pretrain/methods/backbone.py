@@ -31,7 +31,9 @@ def validate_vit_backbone(cfg: Config) -> None:
         )
     width = VIT_SIZES[cfg.model.size][0]
     if cfg.model.num_heads and width % cfg.model.num_heads:
-        raise ConfigError(f"model.num_heads: {cfg.model.num_heads} does not divide the width {width} of {cfg.model.size}")
+        raise ConfigError(
+            f"model.num_heads: {cfg.model.num_heads} does not divide the width {width} of {cfg.model.size}"
+        )
     if cfg.model.pos_embed == "sincos" and width % 4:
         raise ConfigError(f"model.pos_embed: a 2-D sin-cos table needs a width divisible by 4, got {width}")
 

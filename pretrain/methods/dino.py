@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.manifest import Manifest
 from kernels.dino_loss import dino_loss, teacher_probabilities
 from pretrain.config import Config, ConfigError, bounded
-from data_pipeline.manifest import Manifest
 from pretrain.distributed import all_reduce_mean, world_size
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width

@@ -16,9 +16,7 @@ def sincos_pos_embed_1d(dim: int, positions: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_pos_embed_2d(
-    grid_h: int, grid_w: int, dim: int, cls_token: bool = False, row_first: bool = False
-) -> Tensor:
+def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, cls_token: bool = False, row_first: bool = False) -> Tensor:
     """[(1 +) grid_h * grid_w, dim] float32 on the CPU, tokens in row-major order (the order of a conv patch embedding).
 
     By default the first dim/2 channels encode the column, the last dim/2 the row: the layout of the
