@@ -3,7 +3,7 @@ are they to real digits?
 
 Writes the digits as 16 px shards, trains `configs/dit_digits.toml` (a 6-block DiT of width 128, rectified
 flow in pixel space, EMA) through the normal train loop, then scores EMA samples of every class at
-guidance scales w = 0, 0.5, 1, 2, 4 (and Heun at w = 2) with a small CNN trained here on the real
+guidance scales s = 1, 1.5, 2, 3, 5 of the DiT paper (1 = no guidance; Heun at s = 3) with a small CNN trained here on the real
 training digits:
   - class accuracy: the fraction of samples of class c that the classifier calls c;
   - Frechet distance in the classifier's 128-d feature space to the real training digits.
@@ -94,7 +94,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2500, help="DiT training steps")
     parser.add_argument("--per-class", type=int, default=100, help="generated samples per class and setting")
     parser.add_argument("--sample-steps", type=int, default=25, help="ODE steps per sample")
-    parser.add_argument("--scales", default="0,0.5,1,2,4", help="guidance scales w, comma-separated")
+    parser.add_argument(
+        "--scales", default="1,1.5,2,3,5", help="guidance scales s of the DiT paper (1 = none), comma-separated"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="keep shards, run, classifier cache and grids here")
     parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON result")
@@ -125,19 +127,19 @@ def main() -> int:
 
         rows = {"real test digits": score(classifier, test_images, test_labels, real_features)}
         untrained = load_method(result.checkpoint, random_init=True)[1]
-        images, labels = generate(untrained, args.per_class, args.sample_steps, 0.0, "euler", args.seed)
-        rows["untrained DiT, w=0"] = score(classifier, images, labels, real_features)
+        images, labels = generate(untrained, args.per_class, args.sample_steps, 1.0, "euler", args.seed)
+        rows["untrained DiT, s=1"] = score(classifier, images, labels, real_features)
         trained = load_method(result.checkpoint)[1]
         sample_seconds = {}
         for scale in scales:
-            for sampler in ("euler", "heun") if scale == 2 else ("euler",):
+            for sampler in ("euler", "heun") if scale == 3 else ("euler",):
                 start = time.perf_counter()
                 images, labels = generate(trained, args.per_class, args.sample_steps, scale, sampler, args.seed)
-                name = f"trained DiT (EMA), w={scale:g}, {sampler}"
+                name = f"trained DiT (EMA), s={scale:g}, {sampler}"
                 sample_seconds[name] = time.perf_counter() - start
                 rows[name] = score(classifier, images, labels, real_features)
                 grid = image_grid(trained.decode(images[:: max(1, args.per_class // 8)]), nrow=8)
-                Image.fromarray(grid.numpy()).save(workdir / f"samples_w{scale:g}_{sampler}.png")
+                Image.fromarray(grid.numpy()).save(workdir / f"samples_s{scale:g}_{sampler}.png")
 
     device = device_info()
     report = {

@@ -33,6 +33,12 @@ from kernels.attention import AttentionBackend
 FeaturePool = Literal["cls", "mean"]
 
 
+# Options of the ViT backbone (model.*); pretrain/models/vit.py takes its option lists from these.
+PosEmbed = Literal["sincos", "learned", "learned_cls"]
+PosInterpolation = Literal["size", "scale_offset"]
+ViTInit = Literal["xavier", "xavier_split_qkv", "trunc_normal"]
+
+
 class ConfigError(ValueError):
     """A configuration problem, always naming the offending key."""
 
@@ -127,6 +133,19 @@ class ModelConfig:
     patch_size: int = bounded(16, gt=0)
     in_chans: int = bounded(3, gt=0)
     attn_backend: AttentionBackend = "sdpa"
+    # Attention heads; 0: the size's (small: 6, as DeiT and DINO; the MoCo v3 paper's ViT-S has 12).
+    num_heads: int = bounded(0, ge=0)
+    # sincos: fixed table (MAE, MoCo v3) | learned: trained N x D | learned_cls: trained (N + 1) x D, the
+    # first row added to the cls token (DINO).
+    pos_embed: PosEmbed = "sincos"
+    # The sin-cos table's first half of channels encodes the column (MAE, DiT) or the row (MoCo v3).
+    sincos_order: Literal["col_first", "row_first"] = "col_first"
+    # Positions for a smaller input (DINO's local crops): size: bicubic to the new grid g | scale_offset:
+    # bicubic with scale factor (g + 0.1) / G (the DINO reference).
+    pos_interpolation: PosInterpolation = "size"
+    # xavier (MAE) | xavier_split_qkv: q, k, v each Xavier, cls N(0, 1e-6) (MoCo v3) | trunc_normal: std 0.02
+    # linears, cls and learned positions, default patch conv (DINO). pretrain/models/vit.py says more.
+    init: ViTInit = "xavier"
 
 
 @dataclass
@@ -164,6 +183,10 @@ class TrainConfig:
     async_checkpoint: bool = False
     # auto | none | path to a checkpoint directory.
     resume: str = "auto"
+    # A DCP checkpoint (or run directory) whose model weights start a new run at step 0, with a fresh
+    # optimizer and schedule: fine-tuning, or training on from `pretrain ckpt import`. Empty: none.
+    # A run that resumes from its own checkpoint ignores it.
+    init_from: str = ""
     # auto: bf16 autocast on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # stop: checkpoint the last good state and exit | skip: drop the step.

@@ -4,6 +4,7 @@ before any work starts."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,24 @@ def _move_renamed_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def upgrade_saved_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config read with today's meanings. Saved configs hold every field, so a field
+    that is missing dates the file: before `method.dit.sample_guided_channels` existed, the guidance scale
+    was w of v = (1 + w) v_cond - w v_uncond, which is the paper's s = w + 1."""
+    dit = raw.get("method", {}).get("dit")
+    if isinstance(dit, dict) and "sample_cfg_scale" in dit and "sample_guided_channels" not in dit:
+        old = dit["sample_cfg_scale"]
+        dit["sample_cfg_scale"] = old + 1
+        dit["sample_guided_channels"] = 0
+        log.info(
+            "method.dit.sample_cfg_scale: this checkpoint's %s was w of (1 + w) v_cond - w v_uncond; "
+            "read as the paper's s = %s",
+            old,
+            old + 1,
+        )
+    return raw
+
+
 def validate(cfg: Config) -> None:
     """Every check there is, core sections first; the first failure names its key."""
     validate_core(cfg)
@@ -60,6 +79,11 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = build_section(RecipeConfig, _move_renamed_keys(raw))
     validate(cfg)
     return cfg
+
+
+def config_from_saved(raw: dict[str, Any]) -> Config:
+    """The config a checkpoint saved (meta.json), upgraded to today's meanings, type-checked and validated."""
+    return config_from_dict(upgrade_saved_config(copy.deepcopy(raw)))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

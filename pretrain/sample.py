@@ -20,12 +20,14 @@ def sample_grid(
     label: int,
     num: int = 64,
     steps: int = 50,
-    cfg_scale: float = 4.0,
+    cfg_scale: float = 5.0,
     sampler: str = "euler",
     seed: int = 0,
     use_ema: bool = True,
+    guided_channels: int = 0,
 ) -> torch.Tensor:
-    """uint8 [H, W, 3] grid of `num` samples of class `label` (rows of ceil(sqrt(num)))."""
+    """uint8 [H, W, 3] grid of `num` samples of class `label` (rows of ceil(sqrt(num))); `cfg_scale` is the
+    paper's guidance scale s (1: no guidance), `guided_channels` > 0 guides only the first channels."""
     from pretrain.ckpt.load import load_method
     from pretrain.methods.dit import RectifiedFlowDiT
 
@@ -38,17 +40,27 @@ def sample_grid(
     method.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     labels = torch.full((num,), label, dtype=torch.long, device=device)
-    latents = method.generate(labels, steps, cfg_scale, sampler, generator, use_ema=use_ema)
+    latents = method.generate(
+        labels, steps, cfg_scale, sampler, generator, use_ema=use_ema, guided_channels=guided_channels
+    )
     return image_grid(method.decode(latents), nrow=math.ceil(math.sqrt(num)))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     grid = sample_grid(
-        args.checkpoint, args.label, args.num, args.steps, args.cfg_scale, args.sampler, args.seed, not args.online
+        args.checkpoint,
+        args.label,
+        args.num,
+        args.steps,
+        args.cfg_scale,
+        args.sampler,
+        args.seed,
+        not args.online,
+        args.guided_channels,
     )
     Image.fromarray(grid.numpy()).save(args.out)
     print(
-        f"{args.num} samples of class {args.label} ({args.sampler}, {args.steps} steps, w={args.cfg_scale}): {args.out}"
+        f"{args.num} samples of class {args.label} ({args.sampler}, {args.steps} steps, guidance scale s={args.cfg_scale}): {args.out}"
     )
     return 0
 
@@ -59,7 +71,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="label", type=int, required=True, help="class index to generate")
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--steps", type=int, default=50, help="ODE steps (default 50; Heun uses 2 model calls per step)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance w: v = (1 + w) v_cond - w v_uncond")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=5.0,
+        help="guidance scale s of the DiT paper: v = v_uncond + s (v_cond - v_uncond); 1 = no guidance (default 5.0)",
+    )
+    p.add_argument(
+        "--guided-channels",
+        type=int,
+        default=0,
+        help="guide only the first N channels (3 reproduces the released DiT sampler); 0 = all (default)",
+    )
     p.add_argument("--sampler", choices=SAMPLERS, default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--online", action="store_true", help="sample from the online weights instead of the EMA")

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from data_pipeline.loader import merge_states
-from pretrain.checkpoint import CheckpointManager, load_rank_state, read_meta, resolve_resume
+from pretrain.checkpoint import CheckpointManager, dcp_load, find_checkpoint, load_rank_state, read_meta, resolve_resume
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader
 from pretrain.distributed import all_reduce_mean, gather_floats
@@ -35,6 +36,7 @@ from pretrain.memory import peak_memory_gb
 from pretrain.methods.registry import build_device_transform, build_method, flops_per_sample
 from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr
 from pretrain.progress import Progress
+from pretrain.recipes import config_from_saved
 from pretrain.rng import rng_state, seed_everything, seed_step, set_rng_state
 from pretrain.runtime.preemption import StopRequest
 from pretrain.runtime.watchdog import Watchdog
@@ -125,6 +127,8 @@ class Trainer:
         self.resumed_from = resolve_resume(cfg.train.resume, self.checkpoints)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
+        elif cfg.train.init_from:
+            self._load_initial_weights(cfg.train.init_from)
 
         self.tracker = Tracker(
             resolve_tracking_uri(cfg.tracking.uri, self.run_dir),
@@ -172,7 +176,14 @@ class Trainer:
         return self.checkpoints.save(self.step, write, rank_state, meta, fmt)
 
     def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        """Architecture changes cannot resume; other changed settings are allowed but reported."""
+        """Architecture changes cannot resume; other changed settings are allowed but reported.
+
+        The saved config is read with today's schema first, so a field added since (at its default,
+        which keeps the old behaviour) is no change; one set otherwise is named in the error."""
+        try:
+            saved = config_from_saved(saved).to_dict()
+        except ConfigError:
+            pass  # compare as saved: every difference is reported
         before, now = flatten_config(saved), flatten_config(self.cfg.to_dict())
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         fatal = [k for k in changed if k.split(".")[0] in ("model", "method")]
@@ -185,8 +196,29 @@ class Trainer:
                 ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed),
             )
 
+    def _load_initial_weights(self, spec: str) -> None:
+        """train.init_from: the model weights of a DCP checkpoint; optimizer, schedule and data start fresh."""
+        path = find_checkpoint(spec)
+        meta = read_meta(path)
+        if meta.get("format", "dcp") != "dcp":
+            raise ConfigError(
+                f"train.init_from: {path} is a {meta.get('format')} checkpoint; `pretrain ckpt convert --to dcp` it"
+            )
+        if self.engine.name == "deepspeed":
+            raise ConfigError("train.init_from: not available with engine.kind = deepspeed; start on a DCP engine")
+        self._check_resumable(meta["config"], path)
+        state = {"model": get_model_state_dict(self.model)}
+        dcp_load(state, path)
+        set_model_state_dict(self.model, state["model"])
+        log.info("model weights from %s (step %s); optimizer and schedule start fresh", path, meta.get("step"))
+
     def _restore(self, path: Path) -> None:
         meta = read_meta(path)
+        if "imported_from" in meta:
+            raise ConfigError(
+                f"train.resume: {path} was imported (`pretrain ckpt import`) and holds no optimizer or schedule; "
+                f'start from it with train.init_from="{path}"'
+            )
         self._check_resumable(meta["config"], path)
         self.engine.load_tensors(self.model, self.optimizer, path)
         rank_state = load_rank_state(path, self.world.rank)

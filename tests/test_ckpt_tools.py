@@ -54,6 +54,9 @@ def test_inspect_reads_meta_config_and_tensor_sizes(trained, capsys):
     assert model["parameters"] == count_parameters(method) and model["tensors"] == len(method.state_dict())
     assert model["encoder"]["parameters"] == count_parameters(method.inference_network())
     assert model["encoder"]["tensors"] == len(method.inference_network().state_dict())
+    encoder = method.inference_network()  # ViT-tiny/4 at 16 px: 16 patches + cls, the ViT paper's 1000 classes
+    assert model["encoder"]["trainable_parameters"] == count_parameters(encoder)
+    assert model["encoder"]["published_parameters"] == count_parameters(encoder) + 17 * 192 + 192 * 1000 + 1000
     assert model["bytes"] == 4 * model["parameters"] and model["dtypes"] == {"float32": model["parameters"]}
     optim = info["tensors"]["optim"]
     assert optim["tensors"] == _optimizer_tensors(optimizer)
@@ -68,6 +71,10 @@ def test_inspect_reads_meta_config_and_tensor_sizes(trained, capsys):
     assert f"{count_parameters(method):,} parameters" in text
     assert f"{optim['tensors']} tensors" in text
     assert "global batch     8 = 8 per process x 1 accum x 1 process" in text
+    assert (
+        f"encoder params   {count_parameters(encoder):,} trainable, {model['encoder']['published_parameters']:,} as the papers count them"
+        in text
+    )
 
 
 def test_inspect_json_mode(trained, capsys):

@@ -159,3 +159,78 @@ def test_meta_device_build_initializes_model_ema_and_scale(tmp_path, digit_shard
     assert method.latent_scale.item() == 1.0
     assert_equal_states(method.ema.state_dict(), method.model.state_dict())
     assert torch.equal(method.ema.pos_embed, build_method(cfg).ema.pos_embed)
+
+
+def _trained_away_from_zero(method) -> None:
+    """adaLN-Zero starts at zero output; random output layers make the guidance terms differ."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for net in (method.model, method.ema):
+            for block in net.blocks:
+                block.adaLN_modulation[-1].weight.normal_(std=0.05)
+            net.final_layer.linear.weight.normal_(std=0.05)
+
+
+def test_guidance_scale_is_the_papers(tmp_path, digit_shards):
+    """s = 1 samples the conditional model alone; s follows v_uncond + s (v_cond - v_uncond)."""
+    from pretrain.diffusion.sampling import sample
+
+    method = build_method(dit_config(tmp_path, digit_shards)).eval()
+    _trained_away_from_zero(method)
+    labels, ema = torch.tensor([1, 3]), method.ema
+
+    def run(scale, velocity=None):
+        noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        if velocity is None:
+            return method.generate(labels, 3, scale, "euler", torch.Generator().manual_seed(0))
+        return sample(velocity, noise, 3, "euler", method.t_shift)
+
+    unguided = run(None, lambda x, t: ema(x, t, labels))
+    assert torch.allclose(run(1.0), unguided, atol=1e-6)
+    null = torch.full_like(labels, ema.null_class)
+    paper = run(None, lambda x, t: ema(x, t, null) + 2.5 * (ema(x, t, labels) - ema(x, t, null)))
+    assert torch.allclose(run(2.5), paper, atol=1e-5)
+    assert not torch.allclose(run(2.5), unguided, atol=1e-3)
+
+
+def test_cli_cfg_scale_one_equals_unguided_sampling(tmp_path, digit_shards):
+    result = Trainer(dit_config(tmp_path, digit_shards, "train.steps=2")).fit()
+    grid = sample_grid(result.checkpoint, label=3, num=4, steps=2, cfg_scale=1.0)
+    from pretrain.ckpt.load import load_method
+
+    _, method, _ = load_method(result.checkpoint)
+    labels, generator = torch.full((4,), 3), torch.Generator().manual_seed(0)
+    from pretrain.diffusion.sampling import sample
+    from pretrain.visualize import image_grid
+
+    noise = torch.randn(4, 1, 16, 16, generator=generator)
+    unguided = sample(lambda x, t: method.ema(x, t, labels), noise, 2, "euler", method.t_shift)
+    assert torch.equal(grid, image_grid(method.decode(unguided), nrow=2))
+    png = tmp_path / "s1.png"
+    args = ["sample", "--checkpoint", str(result.checkpoint), "--class", "3", "--num", "4", "--steps", "2"]
+    assert main([*args, "--cfg-scale", "1", "--out", str(png)]) == 0
+    assert torch.equal(torch.from_numpy(__import__("numpy").array(Image.open(png))), grid)
+
+
+def test_checkpoint_from_before_the_paper_convention_reads_w_as_s(tmp_path, digit_shards):
+    """A saved config without method.dit.sample_guided_channels stored w; it loads as s = w + 1."""
+    import json
+
+    from pretrain.ckpt.load import load_method
+
+    result = Trainer(dit_config(tmp_path, digit_shards, "train.steps=2", "method.dit.sample_cfg_scale=5.0")).fit()
+    meta_file = result.checkpoint / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["method"]["dit"]["sample_guided_channels"]
+    meta["config"]["method"]["dit"]["sample_cfg_scale"] = 4.0  # the old configs' w = 4
+    meta_file.write_text(json.dumps(meta))
+    cfg, method, _ = load_method(result.checkpoint)
+    assert cfg.method.dit.sample_cfg_scale == 5.0 and method.sample_cfg_scale == 5.0
+    # Resuming with today's recipe at s = 5 is no change of the network settings.
+    cfg = dit_config(tmp_path, digit_shards, "train.steps=3", "method.dit.sample_cfg_scale=5.0")
+    assert Trainer(cfg).fit().checkpoint.name.endswith("3")
+
+
+def test_guided_channels_beyond_the_input_fail_naming_the_key(tmp_path, digit_shards):
+    with pytest.raises(ConfigError, match="method.dit.sample_guided_channels"):
+        dit_config(tmp_path, digit_shards, "method.dit.sample_guided_channels=3")

@@ -53,10 +53,21 @@ def test_shift_moves_timesteps_toward_noise():
     assert shift_timesteps(torch.tensor([0.0, 1.0]), 3.0).tolist() == [0.0, 1.0]
 
 
-def test_guidance_combination():
-    v_cond, v_uncond = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])
-    assert torch.equal(combine_guidance(v_cond, v_uncond, 0.0), v_cond)
-    assert torch.allclose(combine_guidance(v_cond, v_uncond, 4.0), 5 * v_cond - 4 * v_uncond)
+def test_guidance_combination_follows_the_paper():
+    """v = v_uncond + s (v_cond - v_uncond): s = 1 is the conditional model, s = 0 the unconditional."""
+    v_cond, v_uncond = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 3.0]])
+    assert torch.equal(combine_guidance(v_cond, v_uncond, 1.0), v_cond)
+    assert torch.equal(combine_guidance(v_cond, v_uncond, 0.0), v_uncond)
+    assert torch.allclose(combine_guidance(v_cond, v_uncond, 4.0), v_uncond + 4 * (v_cond - v_uncond))
+
+
+def test_guidance_of_the_first_channels_only_keeps_the_conditional_rest():
+    """The released DiT sampler guides 3 of the 4 latent channels; the 4th is the conditional prediction."""
+    v_cond, v_uncond = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    v = combine_guidance(v_cond, v_uncond, 5.0, channels=3)
+    assert torch.allclose(v[:, :3], v_uncond[:, :3] + 5 * (v_cond[:, :3] - v_uncond[:, :3]))
+    assert torch.equal(v[:, 3:], v_cond[:, 3:])
+    assert torch.equal(combine_guidance(v_cond, v_uncond, 5.0, channels=0), combine_guidance(v_cond, v_uncond, 5.0))
 
 
 class RecordingModel(torch.nn.Module):
@@ -76,10 +87,10 @@ def test_guidance_is_one_batched_forward_with_null_labels():
     labels = torch.tensor([1, 2, 3])
     v = guided_velocity(model, labels, 2.0, null_class=7)(torch.zeros(3, 4), torch.full((3,), 0.5))
     assert len(model.calls) == 1 and model.calls[0].tolist() == [1, 2, 3, 7, 7, 7]
-    assert torch.allclose(v[:, 0], 3 * labels.float() - 2 * 7)
+    assert torch.allclose(v[:, 0], 7 + 2 * (labels.float() - 7))
     model.calls.clear()
-    guided_velocity(model, labels, 0.0, null_class=7)(torch.zeros(3, 4), torch.full((3,), 0.5))
-    assert [c.tolist() for c in model.calls] == [[1, 2, 3]]  # w = 0: no unconditional half
+    guided_velocity(model, labels, 1.0, null_class=7)(torch.zeros(3, 4), torch.full((3,), 0.5))
+    assert [c.tolist() for c in model.calls] == [[1, 2, 3]]  # s = 1: no unconditional half
 
 
 def gaussian_velocity(mu: float, sigma: float):

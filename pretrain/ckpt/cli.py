@@ -3,6 +3,7 @@
     pretrain ckpt inspect PATH [--json]
     pretrain ckpt export PATH --out FILE.safetensors [--part encoder|model] [--dtype float32|bfloat16|float16] [--force]
     pretrain ckpt convert PATH --to dcp|deepspeed --out DIR
+    pretrain ckpt import --from mae|dino|moco_v3|dit FILE --config CONFIG --out DIR [--set KEY=VALUE ...]
 
 PATH is a checkpoint directory (`runs/<name>/checkpoints/step_XXXXXXXX`), or a run or checkpoints
 directory, which stands for its latest complete checkpoint.
@@ -16,6 +17,7 @@ import sys
 
 from pretrain.ckpt.convert import FORMATS, convert_checkpoint
 from pretrain.ckpt.export import DTYPES, PARTS, export_weights
+from pretrain.ckpt.import_checkpoint import SOURCES, import_checkpoint
 from pretrain.ckpt.inspect import format_bytes, format_report, inspect_checkpoint
 
 
@@ -54,9 +56,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        done = import_checkpoint(args.source, args.file, args.config, args.out, args.overrides)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError) as exc:
+        return _fail(exc)
+    print(
+        f"wrote {done['checkpoint']}: {done['tensors']} tensors from {args.file} ({args.source}), "
+        f"method of {done['method_parameters']:,} parameters"
+    )
+    for note in done["notes"]:
+        print(f"note: {note}")
+    if done["dropped"]:
+        print(
+            f"dropped {len(done['dropped'])} entries: {', '.join(done['dropped'][:6])}{' ...' if len(done['dropped']) > 6 else ''}"
+        )
+    print(f'start training from it with --set train.init_from="{args.out}"')
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ckpt inspect`, `ckpt export` and `ckpt convert` to the top-level `pretrain` subparsers."""
-    ckpt = subparsers.add_parser("ckpt", help="inspect, export or convert checkpoints")
+    ckpt = subparsers.add_parser("ckpt", help="inspect, export, convert or import checkpoints")
     commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
     where = "checkpoint directory, or a run/checkpoints directory (its latest complete checkpoint)"
 
@@ -83,3 +104,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
     convert.add_argument("--out", required=True, help="the checkpoint directory to create")
     convert.set_defaults(func=cmd_convert)
+
+    imp = commands.add_parser(
+        "import", help="a checkpoint file of the released MAE, DINO, MoCo v3 or DiT code as a DCP checkpoint"
+    )
+    imp.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="the file's layout")
+    imp.add_argument("file", help="the released file (read with tensors only: code in it is never executed)")
+    imp.add_argument(
+        "--config", required=True, help="the recipe whose method the weights fill (e.g. configs/dino_vit_s16.toml)"
+    )
+    imp.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    imp.add_argument(
+        "--out", required=True, help="directory to create; the checkpoint goes to OUT/checkpoints/step_00000000"
+    )
+    imp.set_defaults(func=cmd_import)

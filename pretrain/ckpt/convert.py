@@ -14,7 +14,7 @@ from pretrain.checkpoint import find_checkpoint, is_complete, publish, read_meta
 from pretrain.engines.deepspeed_convert import dcp_to_deepspeed, deepspeed_to_dcp
 from pretrain.methods.registry import build_method
 from pretrain.optim import build_optimizer
-from pretrain.recipes import config_from_dict
+from pretrain.recipes import config_from_saved
 
 FORMATS = ("dcp", "deepspeed")
 
@@ -34,7 +34,7 @@ def convert_checkpoint(path: str | Path, out: str | Path, to: str) -> Path:
         raise ValueError(f"{source} is already in {to} format")
     if out.exists():
         raise FileExistsError(f"{out} already exists")
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_saved(meta["config"])
 
     def method_builder():
         return build_method(cfg)

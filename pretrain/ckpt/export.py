@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from pretrain.checkpoint import find_checkpoint, read_meta
 from pretrain.ckpt.load import load_method
 from pretrain.methods.registry import build_method
-from pretrain.recipes import config_from_dict
+from pretrain.recipes import config_from_saved
 
 PARTS = ("encoder", "model")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -40,7 +40,7 @@ def _load_weights(ckpt: Path, meta: dict[str, Any]):
 def _load_deepspeed(ckpt: Path, meta: dict[str, Any]):
     """fp32 weights of a DeepSpeed ZeRO checkpoint (any stage), merged by DeepSpeed's zero_to_fp32."""
 
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_saved(meta["config"])
     method = build_method(cfg)
     # DeepSpeed prints accelerator notices and progress bars while importing and merging; errors still raise.
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):

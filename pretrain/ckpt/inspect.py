@@ -8,11 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pretrain.checkpoint import find_checkpoint, read_meta
+from pretrain.ckpt.released import load_tensors_only
 from pretrain.models.vit import VIT_SIZES
 from pretrain.optim import scaled_lr
 
@@ -59,18 +59,30 @@ def _config_summary(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     }
 
 
-def _encoder_prefix(config: dict[str, Any]) -> str | None:
-    """Where the encoder sits in the method's state dict ("backbone." for MAE), from the method built
-    on the meta device (no memory, no init work); None when the config cannot be built."""
+def _encoder_summary(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the encoder sits in the method's state dict ("backbone." for MAE) and its two parameter counts
+    (trainable, and as the papers count them), from the method built on the meta device (no memory, no
+    init work); None when the config cannot be built."""
     try:
         import torch
 
         from pretrain.methods.registry import build_method
-        from pretrain.recipes import config_from_dict
+        from pretrain.recipes import config_from_saved
 
         with torch.device("meta"):
-            method = build_method(config_from_dict(config))
-        return _module_prefix(method, method.inference_network())
+            method = build_method(config_from_saved(config))
+        encoder = method.inference_network()
+        summary = {
+            "prefix": _module_prefix(method, encoder),
+            "trainable_parameters": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
+        }
+        if hasattr(encoder, "published_parameter_count"):
+            summary["published_parameters"] = encoder.published_parameter_count()
+        # The averaged twins (teacher, EMA) are not trained by the optimizer: count the online network.
+        online = dict(method.ema_pairs()).get(encoder)
+        if online is not None:
+            summary["trainable_parameters"] = sum(p.numel() for p in online.parameters() if p.requires_grad)
+        return summary
     except Exception:  # an old or foreign config: the encoder line is just left out
         return None
 
@@ -82,8 +94,9 @@ def _module_prefix(root, module) -> str:
     raise ValueError("the encoder is not a submodule of the method")
 
 
-def _dcp_tensor_summary(path: Path, encoder_prefix: str | None) -> dict[str, Any]:
+def _dcp_tensor_summary(path: Path, built: dict[str, Any] | None) -> dict[str, Any]:
     """Per top-level part ("model", "optim"): tensors, elements, bytes and dtypes, from DCP metadata only."""
+    encoder_prefix = built["prefix"] if built else None
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     planner = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     parts: dict[str, dict[str, Any]] = {}
@@ -110,6 +123,10 @@ def _dcp_tensor_summary(path: Path, encoder_prefix: str | None) -> dict[str, Any
             encoder = part.setdefault("encoder", {"tensors": 0, "parameters": 0})
             encoder["tensors"] += 1
             encoder["parameters"] += numel
+    if built and "encoder" in parts.get("model", {}):
+        for key in ("trainable_parameters", "published_parameters"):
+            if key in built:
+                parts["model"]["encoder"][key] = built[key]
     if "optim" in parts and planner:
         paths = [planner[key] for key in metadata.state_dict_metadata if key.startswith("optim.") and key in planner]
         parts["optim"]["parameters_with_state"] = len({p[2] for p in paths if len(p) > 2 and p[1] == "state"})
@@ -127,10 +144,10 @@ def _deepspeed_tensor_summary(path: Path) -> dict[str, Any]:
         summary["optimizer_bytes"] = sum(f.stat().st_size for f in optim_files)
     if not model_files:
         return summary
-    try:
-        state = torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # e.g. DeepSpeed classes in the pickle and no DeepSpeed installed
-        summary["note"] = f"model-state file not readable here: {type(exc).__name__}: {exc}"
+    try:  # tensors and plain containers only: inspect may be pointed at any directory, and never runs its code
+        state = load_tensors_only(model_files[0], mmap=True)
+    except Exception as exc:  # UnsafeCheckpointError names what the file needs
+        summary["note"] = f"model-state file not readable here: {exc}"
         return summary
     shapes: dict[str, Any] = {}
     for group in state.get("param_shapes") or []:
@@ -165,7 +182,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "disk": {"bytes": total_bytes, "files": num_files},
     }
     if info["format"] == "dcp":
-        info["tensors"] = _dcp_tensor_summary(ckpt, _encoder_prefix(config))
+        info["tensors"] = _dcp_tensor_summary(ckpt, _encoder_summary(config))
     elif info["format"] == "deepspeed":
         info["deepspeed"] = _deepspeed_tensor_summary(ckpt)
     return info
@@ -224,6 +241,16 @@ def format_report(info: dict[str, Any]) -> str:
         if "encoder" in m:
             text += f"; encoder {m['encoder']['tensors']} tensors, {m['encoder']['parameters']:,} parameters"
         lines.append(("model state", text))
+        encoder = m.get("encoder", {})
+        if "trainable_parameters" in encoder:
+            text = f"{encoder['trainable_parameters']:,} trainable"
+            if "published_parameters" in encoder:
+                text += (
+                    f", {encoder['published_parameters']:,} as the papers count them (frozen layers and fixed "
+                    "position tables included; for a ViT also the 1000-class classifier of the ViT paper; for DiT "
+                    "its variance outputs)"
+                )
+            lines.append(("encoder params", text))
     if "optim" in tensors:
         o = tensors["optim"]
         text = f"{o['tensors']} tensors, {o['elements']:,} elements ({format_bytes(o['bytes'])} {_dtypes(o)})"

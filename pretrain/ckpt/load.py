@@ -8,7 +8,7 @@ from pretrain.checkpoint import dcp_load, find_checkpoint, read_meta
 from pretrain.config import Config, apply_overrides
 from pretrain.methods.base import Method
 from pretrain.methods.registry import build_method
-from pretrain.recipes import config_from_dict
+from pretrain.recipes import config_from_saved
 from pretrain.rng import seed_everything
 
 
@@ -20,7 +20,7 @@ def load_method(
     A random network uses the run's seed, so it is exactly the network the run started from.
     """
     path = find_checkpoint(checkpoint)
-    cfg = config_from_dict(apply_overrides(read_meta(path)["config"], overrides or []))
+    cfg = config_from_saved(apply_overrides(read_meta(path)["config"], overrides or []))
     seed_everything(cfg.run.seed)
     method = build_method(cfg)
     if not random_init:

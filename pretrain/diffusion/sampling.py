@@ -20,25 +20,36 @@ Sampler = Literal["euler", "heun"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 
-def combine_guidance(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance: v = (1 + w) v_cond - w v_uncond (w = 0: the conditional model alone)."""
-    return (1 + scale) * v_cond - scale * v_uncond
+def combine_guidance(v_cond: Tensor, v_uncond: Tensor, scale: float, channels: int = 0) -> Tensor:
+    """Classifier-free guidance as in the DiT paper, its released sampler and diffusers:
+    v = v_uncond + s (v_cond - v_uncond); s = 1 is the conditional model alone (no guidance).
+
+    `channels` > 0 guides only the first `channels` channels (dim 1) and keeps the conditional
+    prediction for the rest: the released DiT sampler guides 3 of the 4 latent channels, so this
+    reproduces its numbers; 0 (all channels) is the standard formula.
+    """
+    guided = v_uncond + scale * (v_cond - v_uncond)
+    if channels <= 0 or channels >= v_cond.shape[1]:
+        return guided
+    return torch.cat([guided[:, :channels], v_cond[:, channels:]], dim=1)
 
 
-def guided_velocity(model: nn.Module, labels: Tensor, scale: float, null_class: int) -> VelocityFn:
-    """A velocity function of a class-conditional model with guidance scale w.
+def guided_velocity(
+    model: nn.Module, labels: Tensor, scale: float, null_class: int, guided_channels: int = 0
+) -> VelocityFn:
+    """A velocity function of a class-conditional model with guidance scale s (paper convention).
 
-    For w != 0 the conditional and unconditional predictions come from one forward of the doubled
+    For s != 1 the conditional and unconditional predictions come from one forward of the doubled
     batch [labels; null], so guidance costs one (larger) call per step rather than two.
     """
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        if scale == 0:
+        if scale == 1:
             return model(x, t, labels)
         null = torch.full_like(labels, null_class)
         v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
         v_cond, v_uncond = v.chunk(2)
-        return combine_guidance(v_cond, v_uncond, scale)
+        return combine_guidance(v_cond, v_uncond, scale, guided_channels)
 
     return velocity
 

@@ -104,7 +104,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
         json.dumps(report)
         if args.json
         else f"FID {report['fid']:.2f} ({report['num_generated']} samples, "
-        f"{report['num_real']} real, w={args.cfg_scale}, {args.sampler} {args.steps} steps)"
+        f"{report['num_real']} real, s={args.cfg_scale}, {args.sampler} {args.steps} steps)"
     )
     return 0
 
@@ -118,7 +118,12 @@ def register(eval_commands: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", type=int, default=50, help="generated samples per class (default 50)")
     p.add_argument("--max-real", type=int, default=50000, help="real images used at most (default 50000)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.5,
+        help="guidance scale s of the DiT paper (1 = none); 1.5 is its FID-50K setting (default)",
+    )
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the full report as JSON")

@@ -15,6 +15,11 @@ def build_vit_backbone(cfg: Config) -> VisionTransformer:
         patch_size=model.patch_size,
         in_chans=model.in_chans,
         attn_backend=model.attn_backend,
+        num_heads=model.num_heads,
+        pos_embed=model.pos_embed,
+        sincos_row_first=model.sincos_order == "row_first",
+        pos_interpolation=model.pos_interpolation,
+        init=model.init,
     )
 
 
@@ -24,6 +29,13 @@ def validate_vit_backbone(cfg: Config) -> None:
         raise ConfigError(
             f"data.image_size: {cfg.data.image_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
         )
+    width = VIT_SIZES[cfg.model.size][0]
+    if cfg.model.num_heads and width % cfg.model.num_heads:
+        raise ConfigError(
+            f"model.num_heads: {cfg.model.num_heads} does not divide the width {width} of {cfg.model.size}"
+        )
+    if cfg.model.pos_embed == "sincos" and width % 4:
+        raise ConfigError(f"model.pos_embed: a 2-D sin-cos table needs a width divisible by 4, got {width}")
 
 
 def vit_width(cfg: Config) -> int:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.manifest import Manifest
 from kernels.dino_loss import dino_loss, teacher_probabilities
 from pretrain.activation_memory import STAT, Collective, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
-from pretrain.distributed import all_reduce_mean
+from pretrain.distributed import all_reduce_mean, world_size
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
 from pretrain.methods.base import Method
@@ -44,9 +46,21 @@ class DINOConfig:
     teacher_temp: float = bounded(0.04, gt=0)
     warmup_teacher_temp: float = bounded(0.04, gt=0)
     warmup_teacher_temp_steps: int = bounded(0, ge=0)
+    # > 0: the released per-epoch schedule instead: temperature linspace(warmup_teacher_temp, teacher_temp,
+    # W)[epoch], constant within an epoch and final from epoch W - 1 (the per-step ramp reaches it at W).
+    warmup_teacher_temp_epochs: int = bounded(0, ge=0)
+    # Steps in one epoch, for schedules given in epochs; 0: the training split's sample count in the
+    # manifest of data.shards // global batch (data.batch_size x optim.accum_steps x world size).
+    steps_per_epoch: int = bounded(0, ge=0)
     center_momentum: float = bounded(0.9, ge=0, lt=1)
     # Base teacher EMA momentum, raised to 1 on a cosine over training.
     momentum: float = bounded(0.996, ge=0, le=1)
+    # zero_based: the update after optimizer step i (from 0) uses the cosine at i / total, the base
+    # momentum first (the DINO reference) | one_based: at (i + 1) / total (before this option).
+    momentum_index: Literal["zero_based", "one_based"] = "zero_based"
+    # The weight-normalized last layer's direction v: linear_default: nn.Linear's init, U(+-1/sqrt(in)),
+    # row norm ~0.58 at bottleneck 256 (the DINO reference) | trunc_normal: std 0.02, row norm ~0.32.
+    last_layer_init: Literal["linear_default", "trunc_normal"] = "linear_default"
     # The last head layer gets no updates for this many steps (DINO: 1 epoch).
     freeze_last_layer_steps: int = bounded(0, ge=0)
     # The head's input: the cls token (the paper) | the mean of the patch tokens.
@@ -73,18 +87,28 @@ class DINO(Method):
         momentum: float = 0.996,
         freeze_last_layer_steps: int = 0,
         pool: str = "cls",
+        warmup_teacher_temp_epochs: int = 0,
+        steps_per_epoch: int = 0,
+        momentum_index: str = "zero_based",
+        last_layer_init: str = "linear_default",
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = warmup_teacher_temp, warmup_teacher_temp_steps
+        self.warmup_teacher_temp_epochs, self.steps_per_epoch = warmup_teacher_temp_epochs, steps_per_epoch
+        if warmup_teacher_temp_epochs and steps_per_epoch <= 0:
+            raise ValueError("a teacher temperature warm-up in epochs needs steps_per_epoch > 0")
+        self.momentum_index = momentum_index
         self.center_momentum, self.base_momentum = center_momentum, momentum
         self.freeze_last_layer_steps = freeze_last_layer_steps
         self.pool = pool  # what the head sees: the cls token (the paper) or the mean patch token
         self.image_mean, self.image_std = mean, std
         self.backbone = backbone
-        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer)
+        self.head = DINOHead(
+            backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer, last_layer_init
+        )
         self.teacher_backbone = copy.deepcopy(backbone)
         self.teacher_head = copy.deepcopy(self.head)
         for param in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
@@ -117,13 +141,21 @@ class DINO(Method):
         return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
 
     def ema_momentum(self, step: int, total_steps: int) -> float:
-        return cosine_ramp(step, total_steps, self.base_momentum, 1.0)
+        """`step` is the number of optimizer steps taken (1 after the first)."""
+        index = step - 1 if self.momentum_index == "zero_based" else step
+        return cosine_ramp(index, total_steps, self.base_momentum, 1.0)
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         self.steps_done += 1
 
     def teacher_temperature(self) -> Tensor:
-        """Linear warm-up from warmup_teacher_temp to teacher_temp, then constant."""
+        """Linear warm-up from warmup_teacher_temp to teacher_temp, then constant: per epoch (the reference's
+        linspace over the warm-up epochs, indexed by the epoch) or per step."""
+        if self.warmup_teacher_temp_epochs > 0:
+            epoch = torch.div(self.steps_done, self.steps_per_epoch, rounding_mode="floor").float()
+            last = self.warmup_teacher_temp_epochs - 1
+            progress = (epoch / last).clamp(max=1.0) if last > 0 else torch.ones_like(epoch)
+            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * progress
         if self.warmup_teacher_temp_steps <= 0:
             return torch.tensor(self.teacher_temp, device=self.steps_done.device)
         progress = (self.steps_done.float() / self.warmup_teacher_temp_steps).clamp(max=1.0)
@@ -186,14 +218,44 @@ class DINO(Method):
 
 def validate(cfg: Config) -> None:
     validate_vit_backbone(cfg)
+    dino = cfg.method.dino
+    if dino.warmup_teacher_temp_epochs and dino.warmup_teacher_temp_steps:
+        raise ConfigError(
+            "method.dino.warmup_teacher_temp_epochs: set the warm-up in epochs or in steps "
+            f"(warmup_teacher_temp_steps = {dino.warmup_teacher_temp_steps}), not both"
+        )
     if cfg.data.local_crops and cfg.data.local_crop_size % cfg.model.patch_size:
         raise ConfigError(
             f"data.local_crop_size: {cfg.data.local_crop_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
         )
 
 
+def steps_per_epoch(cfg: Config) -> int:
+    """method.dino.steps_per_epoch, else the training samples in the manifest // the global batch; 0 when the
+    manifest cannot be read (a method rebuilt from a checkpoint for evaluation needs no schedule)."""
+    dino = cfg.method.dino
+    if dino.steps_per_epoch:
+        return dino.steps_per_epoch
+    try:
+        samples = Manifest.load(cfg.data.shards).num_samples("train")
+    except (FileNotFoundError, ValueError, NotADirectoryError, OSError):
+        return 0
+    return max(1, samples // (cfg.data.batch_size * cfg.optim.accum_steps * world_size()))
+
+
+def train_transform(cfg: Config):
+    """The views; a schedule given in epochs is checked here, where training needs the data anyway."""
+    if cfg.method.dino.warmup_teacher_temp_epochs and not steps_per_epoch(cfg):
+        raise ConfigError(
+            "method.dino.warmup_teacher_temp_epochs: steps per epoch come from the manifest of data.shards "
+            f"({cfg.data.shards}), which cannot be read; set method.dino.steps_per_epoch"
+        )
+    return joint_embedding_transform(cfg)
+
+
 def build(cfg: Config) -> DINO:
     dino = cfg.method.dino
+    epoch_steps = steps_per_epoch(cfg) if dino.warmup_teacher_temp_epochs else 0
     return DINO(
         build_vit_backbone(cfg),
         out_dim=dino.out_dim,
@@ -209,6 +271,10 @@ def build(cfg: Config) -> DINO:
         momentum=dino.momentum,
         freeze_last_layer_steps=dino.freeze_last_layer_steps,
         pool=dino.pool,
+        warmup_teacher_temp_epochs=dino.warmup_teacher_temp_epochs if epoch_steps else 0,
+        steps_per_epoch=epoch_steps,
+        momentum_index=dino.momentum_index,
+        last_layer_init=dino.last_layer_init,
         mean=cfg.data.mean,
         std=cfg.data.std,
     )
@@ -259,7 +325,7 @@ SPEC = MethodSpec(
     "dino",
     DINOConfig,
     build,
-    joint_embedding_transform,
+    train_transform,
     validate=validate,
     device_transform=joint_embedding_device_transform,
     flops=flops,

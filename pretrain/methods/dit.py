@@ -58,7 +58,11 @@ class DiTConfig:
     ema_warmup: bool = False
     # Sample grids logged every train.vis_every steps.
     sample_steps: int = bounded(50, gt=0)
-    sample_cfg_scale: float = bounded(4.0, ge=0)
+    # Guidance scale s of the paper: v = v_uncond + s (v_cond - v_uncond); 1 = no guidance. Checkpoints
+    # written before this convention stored w = s - 1 (pretrain/recipes.py: upgrade_saved_config).
+    sample_cfg_scale: float = bounded(5.0, ge=0)
+    # Guide only the first N channels (the released DiT sampler: 3 of 4 latent channels); 0 = all.
+    sample_guided_channels: int = bounded(0, ge=0)
     sampler: Sampler = "euler"
 
 
@@ -84,7 +88,8 @@ class RectifiedFlowDiT(Method):
         latent_scale: float = 1.0,
         vae_path: str = "",
         sample_steps: int = 50,
-        sample_cfg_scale: float = 4.0,
+        sample_cfg_scale: float = 5.0,
+        sample_guided_channels: int = 0,
         sampler: str = "euler",
     ) -> None:
         super().__init__()
@@ -94,6 +99,7 @@ class RectifiedFlowDiT(Method):
         self.ema_base, self.ema_warmup = ema_momentum, ema_warmup
         self.vae_path = vae_path
         self.sample_steps, self.sample_cfg_scale, self.sampler = sample_steps, sample_cfg_scale, sampler
+        self.sample_guided_channels = sample_guided_channels
         # Persistent, so a checkpoint samples correctly without the latent manifest it was trained from.
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
         self.initial_latent_scale = float(latent_scale)
@@ -140,8 +146,10 @@ class RectifiedFlowDiT(Method):
         sampler: str | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        guided_channels: int | None = None,
     ) -> Tensor:
-        """Samples in the network's space (latents, or pixels in [-1, 1]) for `labels`, from the EMA weights."""
+        """Samples in the network's space (latents, or pixels in [-1, 1]) for `labels`, from the EMA weights;
+        `cfg_scale` is the paper's s (1: no guidance)."""
         net = self.ema if use_ema else self.model
         was_training = net.training
         net.eval()
@@ -150,7 +158,8 @@ class RectifiedFlowDiT(Method):
             device = net.x_embedder.weight.device
             noise = torch.randn(shape, generator=generator, device=device)
             scale = self.sample_cfg_scale if cfg_scale is None else cfg_scale
-            velocity = guided_velocity(net, labels.to(device), scale, net.null_class)
+            channels = self.sample_guided_channels if guided_channels is None else guided_channels
+            velocity = guided_velocity(net, labels.to(device), scale, net.null_class, channels)
             return sample(velocity, noise, steps or self.sample_steps, sampler or self.sampler, self.t_shift)
         finally:
             net.train(was_training)
@@ -234,6 +243,7 @@ def build(cfg: Config) -> RectifiedFlowDiT:
         vae_path=dit.vae if dit.space == "latent" else "",
         sample_steps=dit.sample_steps,
         sample_cfg_scale=dit.sample_cfg_scale,
+        sample_guided_channels=dit.sample_guided_channels,
         sampler=dit.sampler,
     )
 
@@ -255,6 +265,10 @@ def validate(cfg: Config) -> None:
     hidden, heads = dit.hidden_dim or DIT_SIZES[dit.size][0], dit.num_heads or DIT_SIZES[dit.size][2]
     if hidden % heads or hidden % 4:
         raise ConfigError(f"method.dit.hidden_dim: {hidden} must be divisible by 4 and by num_heads {heads}")
+    if dit.sample_guided_channels > dit.in_channels:
+        raise ConfigError(
+            f"method.dit.sample_guided_channels: {dit.sample_guided_channels} exceeds method.dit.in_channels {dit.in_channels}"
+        )
     if dit.space == "pixel" and dit.in_channels not in (1, 3):
         raise ConfigError(f"method.dit.in_channels: pixel space takes 1 or 3 channels, got {dit.in_channels}")
 

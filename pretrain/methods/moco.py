@@ -40,6 +40,9 @@ class MoCoConfig:
     freeze_patch_embed: bool = True
     # auto: the fused/tiled kernel for the device | reference: the plain formula (kernels/infonce).
     infonce_impl: InfoNCEImpl = "auto"
+    # End the 2-layer predictor in a BatchNorm without affine parameters, as the released MLP builder
+    # does for both projector and predictor. It holds no weights: checkpoints load either way.
+    predictor_last_bn: bool = True
 
 
 def moco_contrastive_loss(query: Tensor, key: Tensor, temperature: float, impl: str = "auto") -> Tensor:
@@ -63,13 +66,14 @@ class MoCoV3(Method):
         momentum: float = 0.99,
         freeze_patch_embed: bool = True,
         infonce_impl: InfoNCEImpl = "auto",
+        predictor_last_bn: bool = True,
     ) -> None:
         super().__init__()
         self.temperature, self.base_momentum, self.infonce_impl = temperature, momentum, infonce_impl
         self.freeze_patch_embed = freeze_patch_embed
         self.backbone = backbone
         self.projector = moco_mlp(3, backbone.embed_dim, mlp_dim, proj_dim, last_bn=True)
-        self.predictor = moco_mlp(2, proj_dim, mlp_dim, proj_dim, last_bn=False)
+        self.predictor = moco_mlp(2, proj_dim, mlp_dim, proj_dim, last_bn=predictor_last_bn)
         self.momentum_backbone = copy.deepcopy(backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
         for param in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
@@ -139,6 +143,7 @@ def build(cfg: Config) -> MoCoV3:
         momentum=moco.momentum,
         freeze_patch_embed=moco.freeze_patch_embed,
         infonce_impl=moco.infonce_impl,
+        predictor_last_bn=moco.predictor_last_bn,
     )
 
 

@@ -148,6 +148,14 @@ class DiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    def published_parameter_count(self) -> int:
+        """Parameters as the DiT paper counts them: every parameter, plus the fixed position table (a buffer
+        here, a frozen parameter in the released code) and the variance outputs of its learned-sigma final
+        layer, which rectified flow does not need (DiT-XL/2: 675,129,632)."""
+        hidden = self.pos_embed.shape[-1]
+        variance = (hidden + 1) * self.patch_size**2 * self.in_channels
+        return sum(p.numel() for p in self.parameters()) + self.pos_embed.numel() + variance
+
     def drop_labels(self, labels: Tensor) -> Tensor:
         """Replace each label by the null class with probability `class_dropout`."""
         if self.class_dropout <= 0:

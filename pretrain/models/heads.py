@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,8 +78,14 @@ class WeightNormLinear(nn.Module):
         return x @ weight.T
 
 
+LAST_LAYER_INITS = ("linear_default", "trunc_normal")
+
+
 class DINOHead(nn.Module):
-    """MLP (GELU) -> bottleneck -> L2 normalize -> weight-normalized linear to `out_dim` prototypes."""
+    """MLP (GELU) -> bottleneck -> L2 normalize -> weight-normalized linear to `out_dim` prototypes.
+
+    The last layer's direction v starts as nn.Linear's default (`linear_default`, the DINO reference:
+    the norm of v sets the size of its updates) or truncated-normal 0.02 (`trunc_normal`)."""
 
     def __init__(
         self,
@@ -87,8 +95,12 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         num_layers: int = 3,
         norm_last_layer: bool = True,
+        last_layer_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
+        if last_layer_init not in LAST_LAYER_INITS:
+            raise ValueError(f"unknown last_layer_init {last_layer_init!r}; expected one of {LAST_LAYER_INITS}")
+        self.last_layer_init = last_layer_init
         if num_layers < 1:
             raise ValueError(f"DINOHead needs num_layers >= 1, got {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
@@ -107,7 +119,12 @@ class DINOHead(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
-        nn.init.trunc_normal_(self.last_layer.weight_v, std=0.02)
+        v = self.last_layer.weight_v
+        if self.last_layer_init == "linear_default":
+            bound = 1 / math.sqrt(v.shape[1])  # what nn.Linear.reset_parameters draws for a weight
+            nn.init.uniform_(v, -bound, bound)
+        else:
+            nn.init.trunc_normal_(v, std=0.02)
         if self.last_layer.weight_g is not None:
             nn.init.ones_(self.last_layer.weight_g)
 

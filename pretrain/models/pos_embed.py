@@ -16,12 +16,13 @@ def sincos_pos_embed_1d(dim: int, positions: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, cls_token: bool = False) -> Tensor:
+def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, cls_token: bool = False, row_first: bool = False) -> Tensor:
     """[(1 +) grid_h * grid_w, dim] float32 on the CPU, tokens in row-major order (the order of a conv patch embedding).
 
-    The first dim/2 channels encode the column, the last dim/2 the row: the layout of the MAE
-    reference, so its pretrained weights line up with ours. With `cls_token` a zero row comes first.
-    Computed in float64 so every device and dtype starts from the same values.
+    By default the first dim/2 channels encode the column, the last dim/2 the row: the layout of the
+    MAE and DiT references, so their pretrained weights line up with ours. `row_first` swaps the halves
+    (the row in the first half): the table of the MoCo v3 reference. With `cls_token` a zero row comes
+    first. Computed in float64 so every device and dtype starts from the same values.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
@@ -30,7 +31,8 @@ def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, cls_token: bool = Fa
         torch.arange(grid_w, dtype=torch.float64, device="cpu"),
         indexing="ij",
     )
-    embed = torch.cat([sincos_pos_embed_1d(dim // 2, cols), sincos_pos_embed_1d(dim // 2, rows)], dim=1)
+    halves = [sincos_pos_embed_1d(dim // 2, cols), sincos_pos_embed_1d(dim // 2, rows)]
+    embed = torch.cat(halves[::-1] if row_first else halves, dim=1)
     if cls_token:
         embed = torch.cat([torch.zeros(1, dim, dtype=torch.float64, device="cpu"), embed], dim=0)
     return embed.to(torch.float32)

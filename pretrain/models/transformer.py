@@ -92,3 +92,15 @@ def init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def init_trunc_normal_and_norm(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) Linear weights, zero biases, unit LayerNorms: the DINO ViT init."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,8 +1,20 @@
-"""Vision Transformer encoder with fixed sin-cos positions, built so MAE can encode visible patches only.
+"""Vision Transformer encoder, built so MAE can encode visible patches only.
 
-Parameter names follow timm (patch_embed.proj, cls_token, blocks.N..., norm, head), so published
-ViT/MAE weights load by name; the position embedding is a non-persistent buffer, recomputed
-by `init_weights` rather than stored in checkpoints.
+Parameter names follow timm (patch_embed.proj, cls_token, pos_embed, blocks.N..., norm, head), so
+published ViT/MAE/DINO/MoCo v3 weights load by name. The conventions in which the released codes differ
+are options, so each recipe can follow its paper:
+
+- positions (`pos_embed`): "sincos", a fixed table (a non-persistent buffer, recomputed by
+  `init_weights`, never checkpointed) with the column in the first half of the channels (MAE) or the row
+  (`sincos_row_first`, MoCo v3); "learned", a trained N x D table; "learned_cls", a trained (N + 1) x D
+  table whose first row is added to the cls token (DINO).
+- resampling the table for a smaller input (`pos_interpolation`): "size", bicubic to the new grid g;
+  "scale_offset", bicubic with scale factor (g + 0.1) / G, i.e. table positions G / (g + 0.1) apart
+  (the DINO reference: the 0.1 avoids a floating-point error in the output size).
+- init (`init`): "xavier" (MAE: Xavier-uniform linears, fused qkv as one matrix, cls N(0, 0.02));
+  "xavier_split_qkv" (MoCo v3: q, k and v each Xavier-uniform, i.e. the fan of a third of the fused
+  qkv, cls N(0, 1e-6)); "trunc_normal" (DINO: linears, cls and learned positions truncated-normal with
+  std 0.02, the patch conv at PyTorch's default).
 """
 
 import math
@@ -12,11 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.config import FeaturePool
+from pretrain.config import FeaturePool, PosEmbed, PosInterpolation, ViTInit
 from pretrain.models.pos_embed import sincos_pos_embed_2d
-from pretrain.models.transformer import Block, init_linear_and_norm
+from pretrain.models.transformer import Block, init_linear_and_norm, init_trunc_normal_and_norm
 
 POOLS: tuple[str, ...] = get_args(FeaturePool)
+POS_EMBEDS: tuple[str, ...] = get_args(PosEmbed)
+POS_INTERPOLATIONS: tuple[str, ...] = get_args(PosInterpolation)
+VIT_INITS: tuple[str, ...] = get_args(ViTInit)
 
 # size name -> (embed_dim, depth, num_heads)
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -89,10 +104,20 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         attn_backend: str = "sdpa",
         pool: str = "cls",
+        pos_embed: str = "sincos",
+        sincos_row_first: bool = False,
+        pos_interpolation: str = "size",
+        init: str = "xavier",
     ) -> None:
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
+        for name, value, options in (
+            ("pool", pool, POOLS),
+            ("pos_embed", pos_embed, POS_EMBEDS),
+            ("pos_interpolation", pos_interpolation, POS_INTERPOLATIONS),
+            ("init", init, VIT_INITS),
+        ):
+            if value not in options:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {options}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -100,10 +125,18 @@ class VisionTransformer(nn.Module):
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         self.pool = pool
+        self.pos_embed_kind, self.sincos_row_first = pos_embed, sincos_row_first
+        self.pos_interpolation, self.init = pos_interpolation, init
+        # Rows of the table before the patches': 1 when the cls token has a position of its own.
+        self.num_prefix_positions = 1 if pos_embed == "learned_cls" else 0
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
-        self.register_buffer("pos_embed", torch.empty(1, self.num_patches, embed_dim), persistent=False)
+        table = torch.empty(1, self.num_prefix_positions + self.num_patches, embed_dim)
+        if pos_embed == "sincos":
+            self.register_buffer("pos_embed", table, persistent=False)
+        else:
+            self.pos_embed = nn.Parameter(table)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, attn_backend=attn_backend) for _ in range(depth)
         )
@@ -114,13 +147,31 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialize parameters and the position buffer, e.g. after building on the meta device and `to_empty`."""
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.grid_size, self.grid_size, self.embed_dim).unsqueeze(0))
+        conv = self.patch_embed.proj
+        if self.pos_embed_kind == "sincos":
+            table = sincos_pos_embed_2d(self.grid_size, self.grid_size, self.embed_dim, row_first=self.sincos_row_first)
+            self.pos_embed.copy_(table.unsqueeze(0))
+        if self.init == "trunc_normal":
+            self.apply(init_trunc_normal_and_norm)
+            conv.reset_parameters()  # the DINO reference leaves the patch conv at PyTorch's default
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            if self.pos_embed_kind != "sincos":
+                nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            return
         self.apply(init_linear_and_norm)
         # The conv is a Linear over flattened patches: give it the same init as one.
-        conv = self.patch_embed.proj
         nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.zeros_(conv.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.pos_embed_kind != "sincos":
+            nn.init.normal_(self.pos_embed, std=0.02)
+        if self.init == "xavier_split_qkv":
+            for block in self.blocks:
+                qkv = block.attn.qkv.weight  # [3D, D]: Xavier-uniform of each [D, D] third
+                bound = math.sqrt(6.0 / (qkv.shape[0] // 3 + qkv.shape[1]))
+                nn.init.uniform_(qkv, -bound, bound)
+            nn.init.normal_(self.cls_token, std=1e-6)
+        else:
+            nn.init.normal_(self.cls_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}
@@ -134,19 +185,32 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(images) + self.position_embedding(*images.shape[-2:])
         if keep_indices is not None:
             tokens = tokens.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        x = torch.cat([self.cls_with_position().expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
+    def cls_with_position(self) -> Tensor:
+        """[1, 1, D]: the cls token, plus its own position when the table has one."""
+        if self.num_prefix_positions:
+            return self.cls_token + self.pos_embed[:, :1]
+        return self.cls_token
+
     def position_embedding(self, height: int, width: int) -> Tensor:
-        """[1, L, D] positions for a height x width input: the table itself at the training size, else the
-        table resampled bicubically, so a smaller crop sees the same span of positions as the full image."""
+        """[1, L, D] patch positions for a height x width input: the table itself at the training size, else
+        the table resampled bicubically, so a smaller crop sees the same span of positions as the full image."""
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        patches = self.pos_embed[:, self.num_prefix_positions :] if self.num_prefix_positions else self.pos_embed
         if (grid_h, grid_w) == (self.grid_size, self.grid_size):
-            return self.pos_embed
-        table = self.pos_embed.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
-        table = F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+            return patches
+        table = patches.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        if self.pos_interpolation == "scale_offset":
+            scale = ((grid_h + 0.1) / self.grid_size, (grid_w + 0.1) / self.grid_size)
+            table = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
+            if table.shape[-2:] != (grid_h, grid_w):
+                raise ValueError(f"position table resampled to {tuple(table.shape[-2:])}, expected {(grid_h, grid_w)}")
+        else:
+            table = F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
 
     @torch.no_grad()
@@ -154,7 +218,7 @@ class VisionTransformer(nn.Module):
         """The last block's attention from the cls token to every patch, [B, heads, grid_h, grid_w]."""
         x = torch.cat(
             [
-                self.cls_token.expand(images.shape[0], -1, -1),
+                self.cls_with_position().expand(images.shape[0], -1, -1),
                 self.patch_embed(images) + self.position_embedding(*images.shape[-2:]),
             ],
             dim=1,
@@ -175,16 +239,32 @@ class VisionTransformer(nn.Module):
             return tokens[:, 1:].mean(dim=1)
         raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
 
+    def published_parameter_count(self, num_classes: int = 1000) -> int:
+        """Parameters as the ViT, MAE, MoCo v3 and DINO papers count them: every parameter, frozen or not,
+        plus a fixed position table of (N + 1) x D (the released codes store it as a frozen parameter,
+        cls row included), plus the `num_classes`-way classifier the ViT paper's counts include when this
+        network has none (ViT-B/16: 86,567,656)."""
+        count = sum(p.numel() for p in self.parameters())
+        if self.pos_embed_kind == "sincos":
+            count += (self.num_patches + 1) * self.embed_dim
+        if isinstance(self.head, nn.Identity):
+            count += self.embed_dim * num_classes + num_classes
+        return count
+
     def forward(self, images: Tensor) -> Tensor:
         """Class logits when built with a head, pooled features otherwise."""
         return self.head(self.forward_features(images))
 
 
-def build_vit(size: str, img_size: int = 224, patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
-    """A ViT of a standard size ("tiny" ... "huge"); `kwargs` go to VisionTransformer."""
+def build_vit(
+    size: str, img_size: int = 224, patch_size: int = 16, num_heads: int = 0, **kwargs: Any
+) -> VisionTransformer:
+    """A ViT of a standard size ("tiny" ... "huge"); `num_heads` > 0 overrides the size's (the MoCo v3
+    paper's ViT-S has 12 heads of 32 channels, DeiT's and DINO's 6 of 64); `kwargs` go to VisionTransformer."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}; available: {', '.join(VIT_SIZES)}")
-    embed_dim, depth, num_heads = VIT_SIZES[size]
+    embed_dim, depth, size_heads = VIT_SIZES[size]
+    num_heads = num_heads or size_heads
     return VisionTransformer(
         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs
     )
