@@ -216,7 +216,9 @@ def test_two_rank_engines_train_the_same(tmp_path, digit_shards, method, engines
     assert len(reference) == 4 and len(knn["ddp"]) == 1
     for engine, losses in results.items():
         assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5), engine
-        assert knn[engine] == pytest.approx(knn["ddp"], abs=1e-3), engine
+        # kNN top-1 is a count over the 360 test digits: DDP and FSDP reduce in different orders, so weights
+        # equal to ~1e-6 can still flip one neighbour vote. Allow one image, no more.
+        assert knn[engine] == pytest.approx(knn["ddp"], abs=1.0 / 360 + 1e-6), engine
 
 
 def test_key_gathering_across_two_ranks_matches_one_process(tmp_path) -> None:
