@@ -37,6 +37,7 @@ from PIL import Image
 from pretrain.config import Config
 from pretrain.flops import PEAK_BF16_FLOPS
 from pretrain.memory import peak_memory_gb
+from pretrain.methods.registry import METHODS
 from pretrain.recipes import load_config
 
 log = logging.getLogger("pretrain.bench")
@@ -164,8 +165,9 @@ def _adjustments(cfg: Config, synthetic: bool) -> list[str]:
     from pretrain.runtime.world import world_from_env
 
     extra = []
-    if synthetic and cfg.method.name == "dit" and cfg.method.dit.latent_scale <= 0:
-        extra.append("method.dit.latent_scale=1.0")  # normally read from the latent manifest; any value will do
+    make_synthetic = METHODS[cfg.method.name].synthetic_overrides
+    if synthetic and make_synthetic is not None:
+        extra += make_synthetic(cfg)  # what the method would read from a manifest; any value keeps the compute
     if cfg.engine.kind != "single" and not world_from_env().distributed:
         # DDP/FSDP/DeepSpeed need a process group: outside torchrun, measure the same step on the single engine.
         log.warning("engine.kind=%s needs torchrun; benchmarking engine.kind=single instead", cfg.engine.kind)

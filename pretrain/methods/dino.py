@@ -321,6 +321,12 @@ def collectives(cfg: Config, micro_batch: int, act: int) -> list[Collective]:
     return [Collective("DINO center", "all_reduce", cfg.method.dino.out_dim * STAT, 1)]
 
 
+def synthetic_overrides(cfg: Config) -> list[str]:
+    """Without shards there is no manifest to count an epoch from; the warm-up's length does not change the compute."""
+    dino = cfg.method.dino
+    return ["method.dino.steps_per_epoch=1000"] if dino.warmup_teacher_temp_epochs and not dino.steps_per_epoch else []
+
+
 SPEC = MethodSpec(
     "dino",
     DINOConfig,
@@ -333,4 +339,5 @@ SPEC = MethodSpec(
     collectives=collectives,
     averaged_network_runs_forward=True,
     crop_views=joint_embedding_crop_views,
+    synthetic_overrides=synthetic_overrides,
 )

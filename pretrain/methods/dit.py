@@ -307,4 +307,18 @@ def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
     }
 
 
-SPEC = MethodSpec("dit", DiTConfig, build, train_transform, validate=validate, flops=flops, activations=activations)
+def synthetic_overrides(cfg: Config) -> list[str]:
+    """Without latent shards the scale cannot come from their manifest; any value keeps the compute."""
+    return ["method.dit.latent_scale=1.0"] if cfg.method.dit.latent_scale <= 0 else []
+
+
+SPEC = MethodSpec(
+    "dit",
+    DiTConfig,
+    build,
+    train_transform,
+    validate=validate,
+    flops=flops,
+    activations=activations,
+    synthetic_overrides=synthetic_overrides,
+)

@@ -50,3 +50,6 @@ class MethodSpec:
     averaged_network_runs_forward: bool = False
     # cfg -> the crops of each image the train transform makes; None: its samples are no image crops (latents).
     crop_views: Callable[[Config], CropViews] | None = None
+    # cfg -> overrides for settings the method reads from the data's manifest (a latent scale, steps per
+    # epoch), for runs on synthetic batches without shards (`pretrain bench --synthetic-data`).
+    synthetic_overrides: Callable[[Config], list[str]] | None = None
