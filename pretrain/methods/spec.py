@@ -48,7 +48,8 @@ class MethodSpec:
     # Whether the averaged network of `ema_pairs` (momentum encoder, teacher) runs forward in training, so
     # a sharded copy of it is gathered every step; an EMA kept only for sampling (DiT) does not.
     averaged_network_runs_forward: bool = False
-    # cfg -> the crops of each image the train transform makes; None: its samples are no image crops (latents).
+    # cfg -> the crops of each image the train transform makes; None: not random-resized crops (DiT latents,
+    # the VAE's and pixel DiT's own transforms), so backends that crop by themselves cannot feed it.
     crop_views: Callable[[Config], CropViews] | None = None
     # cfg -> overrides for settings the method reads from the data's manifest (a latent scale, steps per
     # epoch), for runs on synthetic batches without shards (`pretrain bench --synthetic-data`).
