@@ -32,7 +32,7 @@ import torch
 
 from data_pipeline.dali_index import DALI_IMAGE_EXTENSIONS, ShardIndex, build_indexes
 from data_pipeline.reader import derive_seed
-from data_pipeline.shardlist import resolve_shards
+from data_pipeline.shardlist import resolve_shards, shard_sample_counts
 
 log = logging.getLogger("data_pipeline")
 
@@ -88,11 +88,14 @@ class DaliLoader:
             raise RuntimeError(f"no readable samples in {len(self.urls)} shards ({self.urls[:3]}...)")
         self.num_samples = sum(len(index.samples) for index in indexes)
         # Each rank counts its share of the bad data once per epoch, as the default path's streams do.
-        self.skipped_per_epoch = _bad_items(indexes, rank, world_size)
+        self.skipped_per_epoch, self.skipped_shards_per_epoch = _bad_items(
+            indexes, shard_sample_counts(shards, split), rank, world_size
+        )
         self._pipe: Any = None
         self._checkpoint: bytes | None = None
         self._batches = 0
         self._skipped_base = 0
+        self._skipped_shards_base = 0
         self._start_batches = 0  # batches before the current pipeline started from its first sample
 
     # ------------------------------------------------------------------ position
@@ -107,9 +110,17 @@ class DaliLoader:
         return max(1, self.num_samples // self.world_size)
 
     @property
+    def _epochs_begun(self) -> int:
+        return (self._batches - self._start_batches) * self.batch_size // self.samples_per_epoch + 1
+
+    @property
     def skipped_total(self) -> int:
-        epochs_begun = (self._batches - self._start_batches) * self.batch_size // self.samples_per_epoch + 1
-        return self._skipped_base + self.skipped_per_epoch * epochs_begun
+        """Samples skipped or lost with failed shards (where the manifest gives their size)."""
+        return self._skipped_base + self.skipped_per_epoch * self._epochs_begun
+
+    @property
+    def skipped_shards_total(self) -> int:
+        return self._skipped_shards_base + self.skipped_shards_per_epoch * self._epochs_begun
 
     def _layout(self) -> dict[str, Any]:
         return {
@@ -135,6 +146,8 @@ class DaliLoader:
             "start_batches": self._start_batches,
             "skipped_base": self._skipped_base,
             "skipped_total": self.skipped_total,
+            "skipped_shards_base": self._skipped_shards_base,
+            "skipped_shards_total": self.skipped_shards_total,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -150,6 +163,7 @@ class DaliLoader:
             self._checkpoint = base64.b64decode(state["checkpoint"])
             self._start_batches = int(state["start_batches"])
             self._skipped_base = int(state["skipped_base"])
+            self._skipped_shards_base = int(state.get("skipped_shards_base", 0))
             return
         log.warning(
             "DALI loader state does not match this loader (%s differ); restarting the pipeline from its first sample",
@@ -158,6 +172,7 @@ class DaliLoader:
         self._checkpoint = None
         self._start_batches = self._batches
         self._skipped_base = int(state.get("skipped_total", 0))
+        self._skipped_shards_base = int(state.get("skipped_shards_total", 0))
 
     @staticmethod
     def merge_states(states: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -167,6 +182,7 @@ class DaliLoader:
             raise ValueError("no data loader states to merge")
         merged = dict(states[0])
         merged["skipped_total"] = sum(int(s.get("skipped_total", 0)) for s in states)
+        merged["skipped_shards_total"] = sum(int(s.get("skipped_shards_total", 0)) for s in states)
         merged["world_size"] = -1  # never matches: the per-rank checkpoints do not carry over
         return merged
 
@@ -275,10 +291,18 @@ def _key_of(source_info: str) -> str:
     return member.rpartition("/")[2].partition(".")[0]
 
 
-def _bad_items(indexes: Sequence[ShardIndex], rank: int, world_size: int) -> int:
-    """This rank's share of the bad shards and samples (shard i belongs to rank i % world_size)."""
-    return sum(
-        len(index.bad_samples) + bool(index.failure) + (not index.samples and not index.failure)
-        for number, index in enumerate(indexes)
-        if number % world_size == rank
-    )
+def _bad_items(
+    indexes: Sequence[ShardIndex], expected: Mapping[str, int], rank: int, world_size: int
+) -> tuple[int, int]:
+    """This rank's share (shard i belongs to rank i % world_size) of the skipped samples (undecodable, and
+    the unread rest of failed shards where the manifest gives their size) and of the failed shards."""
+    samples = shards = 0
+    for number, index in enumerate(indexes):
+        if number % world_size != rank:
+            continue
+        samples += len(index.bad_samples)
+        if index.failure or not index.samples:
+            shards += 1
+            read = len(index.samples) + len(index.bad_samples)
+            samples += max(0, expected.get(index.url, read) - read)
+    return samples, shards

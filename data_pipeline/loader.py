@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.reader import Batch, ImageTransform, ShardStream, StreamPosition
+from data_pipeline.reader import Batch, ImageTransform, ShardStream, StreamPosition, position_from_state
 
 log = logging.getLogger("data_pipeline")
 
@@ -69,7 +69,8 @@ class ResumableLoader:
         self._positions = {s: StreamPosition(start_epoch) for s in self.dataset.stream_ids}
         self._batches = 0
         self._rotation = 0  # which logical worker DataLoader worker 0 plays next
-        self._skipped_base = 0  # skips counted by streams of an earlier, incompatible layout
+        self._skipped_base = 0  # samples skipped by streams of an earlier, incompatible layout
+        self._skipped_shards_base = 0
         self._generation = 0  # the newest iterator; older ones must not move the position
 
     @property
@@ -82,8 +83,13 @@ class ResumableLoader:
 
     @property
     def skipped_total(self) -> int:
-        """Shards and samples skipped as unreadable, over all of this rank's streams and epochs."""
+        """Samples skipped as unreadable or lost with a failed shard, over this rank's streams and epochs."""
         return self._skipped_base + sum(p.skipped for p in self._positions.values())
+
+    @property
+    def skipped_shards_total(self) -> int:
+        """Shard failures (could not open, or not read to the end), over this rank's streams and epochs."""
+        return self._skipped_shards_base + sum(p.skipped_shards for p in self._positions.values())
 
     def __iter__(self) -> Iterator[Batch]:
         self._generation += 1
@@ -108,12 +114,14 @@ class ResumableLoader:
                     "this ResumableLoader iterator is stale: a later iter() or load_state_dict() replaced it"
                 )
             meta = batch["stream"]
-            self._positions[meta["stream"]] = StreamPosition(meta["epoch"], meta["offset"], meta["skipped"])
+            self._positions[meta["stream"]] = position_from_state(meta)
             self._batches += 1
             self._rotation = (self._rotation + 1) % self.dataset.workers_per_rank
             yield batch
         if generation == self._generation:
-            self._positions = {s: StreamPosition(p.epoch + 1, 0, p.skipped) for s, p in self._positions.items()}
+            self._positions = {
+                s: StreamPosition(p.epoch + 1, 0, p.skipped, p.skipped_shards) for s, p in self._positions.items()
+            }
             self._rotation = 0
 
     def _layout(self) -> dict[str, Any]:
@@ -131,12 +139,15 @@ class ResumableLoader:
             "version": STATE_VERSION,
             **self._layout(),
             "streams": {
-                s: {"epoch": p.epoch, "offset": p.offset, "skipped": p.skipped} for s, p in self._positions.items()
+                s: {"epoch": p.epoch, "offset": p.offset, "skipped": p.skipped, "skipped_shards": p.skipped_shards}
+                for s, p in self._positions.items()
             },
             "batches": self._batches,
             "rotation": self._rotation,
             "skipped_base": self._skipped_base,
             "skipped_total": self.skipped_total,
+            "skipped_shards_base": self._skipped_shards_base,
+            "skipped_shards_total": self.skipped_shards_total,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -149,13 +160,14 @@ class ResumableLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
         self._generation += 1
-        saved = {int(s): StreamPosition(**p) for s, p in state["streams"].items()}
+        saved = {int(s): position_from_state(p) for s, p in state["streams"].items()}
         self._batches = int(state["batches"])
         changed = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
         if not changed and set(self._positions) <= set(saved):
             self._positions = {s: saved[s] for s in self._positions}
             self._rotation = int(state["rotation"])
             self._skipped_base = int(state["skipped_base"])
+            self._skipped_shards_base = int(state.get("skipped_shards_base", 0))
             return
         epoch = min((p.epoch for p in saved.values()), default=self.dataset.start_epoch)
         log.warning(
@@ -167,6 +179,7 @@ class ResumableLoader:
         self._positions = {s: StreamPosition(epoch) for s in self._positions}
         self._rotation = 0
         self._skipped_base = int(state.get("skipped_total", 0))
+        self._skipped_shards_base = int(state.get("skipped_shards_total", 0))
 
 
 def merge_states(states: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -180,4 +193,5 @@ def merge_states(states: list[Mapping[str, Any]]) -> dict[str, Any]:
     merged = dict(states[0])
     merged["streams"] = {s: p for state in states for s, p in state["streams"].items()}
     merged["skipped_total"] = sum(int(state.get("skipped_total", 0)) for state in states)
+    merged["skipped_shards_total"] = sum(int(state.get("skipped_shards_total", 0)) for state in states)
     return merged

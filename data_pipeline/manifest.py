@@ -113,6 +113,10 @@ class Manifest:
     def shard_paths(self, split: str) -> list[str]:
         return [str(self.root / s.name) for s in self._split(split)]
 
+    def sample_counts(self, split: str) -> dict[str, int]:
+        """Shard path -> number of samples, as `shard_paths` names them."""
+        return {str(self.root / s.name): s.num_samples for s in self._split(split)}
+
     def verify(self) -> list[str]:
         """Paths of shards that are missing or whose size or sha256 differs from the manifest."""
         bad = []

@@ -29,7 +29,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from data_pipeline.decode import IMAGE_EXTENSIONS, LATENT_EXTENSION, DecodeError, decode_record
-from data_pipeline.shardlist import resolve_shards
+from data_pipeline.shardlist import resolve_shards, shard_sample_counts
 
 log = logging.getLogger("data_pipeline")
 
@@ -43,11 +43,14 @@ _KEPT_MEMBERS = frozenset(IMAGE_EXTENSIONS) | {"cls", LATENT_EXTENSION}
 
 @dataclass(frozen=True)
 class StreamPosition:
-    """Where a stream stands: `offset` raw samples taken in `epoch`; `skipped` counts all epochs."""
+    """Where a stream stands: `offset` raw samples taken in `epoch`. Over all epochs, `skipped` counts the
+    samples lost (undecodable ones, and the unread rest of failed shards where a manifest gives their
+    size) and `skipped_shards` the shards that failed to open or read to the end."""
 
     epoch: int
     offset: int = 0
     skipped: int = 0
+    skipped_shards: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class ShardFailure:
 
     url: str
     reason: str
+    lost: int | None = None  # samples of the shard not read; None when no manifest gives its size
+    after_key: str | None = None  # the last sample read before the failure
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -122,7 +127,7 @@ class ShardStream(IterableDataset):
     """Batches (dicts) of decoded, augmented samples; see the module docstring for the ordering.
 
     Each batch is {"image": FloatTensor[B, C, H, W] (a list of those for multi-view transforms),
-    "label": LongTensor[B], "key": list[str], "stream": {"stream", "epoch", "offset", "skipped"}},
+    "label": LongTensor[B], "key": list[str], "stream": {"stream", "epoch", "offset", "skipped", "skipped_shards"}},
     the last being the stream's position after the batch. `positions` resumes streams;
     `worker_rotation` maps DataLoader worker w to logical worker (w + rotation) % num_workers, so a
     resumed DataLoader's round-robin continues with the right stream.
@@ -160,6 +165,7 @@ class ShardStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.shards = resolve_shards(shards, split)
+        self.shard_samples = shard_sample_counts(shards, split)
         self.batch_size, self.transform, self.seed = batch_size, transform, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.resampled, self.infinite = shuffle_buffer, resampled, infinite
@@ -194,8 +200,20 @@ class ShardStream(IterableDataset):
 
     def epoch_records(self, stream: int, epoch: int) -> Iterator[Record | ShardFailure]:
         """The raw, shuffled records of one stream's epoch: the sequence that offsets count."""
-        records = chain.from_iterable(read_shard(url) for url in self.epoch_shards(stream, epoch))
+        records = chain.from_iterable(self._read_counted(url) for url in self.epoch_shards(stream, epoch))
         return shuffled(records, self.shuffle_buffer, random.Random(derive_seed(self.seed, "buffer", epoch, stream)))
+
+    def _read_counted(self, url: str) -> Iterator[Record | ShardFailure]:
+        """`read_shard`, with a failure saying how many samples were lost (from the manifest) and after which key."""
+        read, last_key = 0, None
+        for item in read_shard(url):
+            if isinstance(item, ShardFailure):
+                expected = self.shard_samples.get(url)
+                lost = max(0, expected - read) if expected is not None else None
+                yield ShardFailure(item.url, item.reason, lost, last_key)
+                return
+            read, last_key = read + 1, item.get("__key__")
+            yield item
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -220,7 +238,7 @@ class ShardStream(IterableDataset):
 
     def _batches(self, stream: int) -> Iterator[Batch]:
         start = self.start_position(stream)
-        epoch, offset, skipped = start.epoch, start.offset, start.skipped
+        epoch, offset, skipped, skipped_shards = start.epoch, start.offset, start.skipped, start.skipped_shards
         failed: set[str] = set()
         pending: list[tuple[str, Any, int]] = []
         while True:
@@ -228,10 +246,21 @@ class ShardStream(IterableDataset):
             _discard_records(records, offset, stream, epoch)
             for item in records:
                 if isinstance(item, ShardFailure):
-                    skipped += 1
+                    skipped_shards += 1
+                    skipped += item.lost or 0
                     failed.add(item.url)
+                    where = f"after sample {item.after_key!r}" if item.after_key else "at its start"
+                    lost = (
+                        f"{item.lost} samples lost" if item.lost is not None else "samples lost: unknown (no manifest)"
+                    )
                     self._warn_once(
-                        item.url, "skipping shard %s (rest of it) in stream %d: %s", item.url, stream, item.reason
+                        item.url,
+                        "skipping shard %s %s (%s) in stream %d: %s",
+                        item.url,
+                        where,
+                        lost,
+                        stream,
+                        item.reason,
                     )
                     continue
                 offset += 1
@@ -244,7 +273,7 @@ class ShardStream(IterableDataset):
                         f"{url}\x1f{exc.key}", "skipping sample %r of shard %s: %s", exc.key, url, exc.reason
                     )
                 if len(pending) == self.batch_size:
-                    yield _collate(pending, stream, StreamPosition(epoch, offset, skipped))
+                    yield _collate(pending, stream, StreamPosition(epoch, offset, skipped, skipped_shards))
                     pending = []
             if not self.infinite:
                 break
@@ -252,7 +281,7 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(f"stream {stream}: every shard failed to read ({sorted(failed)[:3]}...)")
             epoch, offset = epoch + 1, 0
         if pending and not self.drop_last:
-            yield _collate(pending, stream, StreamPosition(epoch, offset, skipped))
+            yield _collate(pending, stream, StreamPosition(epoch, offset, skipped, skipped_shards))
 
     def _prepare(self, record: Record, epoch: int) -> tuple[str, Any, int]:
         # Transforms that choose how to decode (the fast crop path) get the image undecoded.
@@ -281,6 +310,22 @@ def _discard_records(records: Iterator[Record | ShardFailure], count: int, strea
             taken += 1
 
 
+def _position_state(position: StreamPosition) -> dict[str, int]:
+    return {
+        "epoch": position.epoch,
+        "offset": position.offset,
+        "skipped": position.skipped,
+        "skipped_shards": position.skipped_shards,
+    }
+
+
+def position_from_state(state: Mapping[str, Any]) -> StreamPosition:
+    """A position saved by `_position_state` (states written before shards were counted lack the field)."""
+    return StreamPosition(
+        int(state["epoch"]), int(state["offset"]), int(state["skipped"]), int(state.get("skipped_shards", 0))
+    )
+
+
 def _collate(samples: list[tuple[str, Any, int]], stream: int, position: StreamPosition) -> Batch:
     keys, images, labels = zip(*samples)
     if isinstance(images[0], torch.Tensor):
@@ -291,5 +336,5 @@ def _collate(samples: list[tuple[str, Any, int]], stream: int, position: StreamP
         "image": batched,
         "label": torch.tensor(labels, dtype=torch.long),
         "key": list(keys),
-        "stream": {"stream": stream, "epoch": position.epoch, "offset": position.offset, "skipped": position.skipped},
+        "stream": {"stream": stream, **_position_state(position)},
     }

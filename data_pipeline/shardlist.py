@@ -36,6 +36,23 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> list[str]:
     return shards
 
 
+def shard_sample_counts(spec: str | list[str], split: str = "train") -> dict[str, int]:
+    """Samples per shard path, for the shards of `spec` that a manifest describes (the rest are unknown).
+
+    Lets a reader count the samples lost with a shard that fails, not just the failure."""
+    items = spec if isinstance(spec, list) else _split_commas(spec)
+    counts: dict[str, int] = {}
+    for item in (i.strip() for i in items):
+        path = Path(url2pathname(urlparse(item).path)) if item.startswith("file:") else Path(item)
+        manifest = path / MANIFEST_NAME if path.is_dir() else path
+        if manifest.is_file() and manifest.suffix == ".json":
+            try:
+                counts.update(Manifest.load(manifest).sample_counts(split))
+            except (OSError, ValueError):  # not a manifest, or not this split: counts stay unknown
+                continue
+    return counts
+
+
 def _resolve_item(item: str, split: str) -> list[str]:
     if item.startswith("file:"):
         item = url2pathname(urlparse(item).path)

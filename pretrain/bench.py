@@ -47,6 +47,7 @@ class SyntheticLoader:
     """Stands in for the shard loader: the same batch every step, already on the device."""
 
     skipped_total = 0
+    skipped_shards_total = 0
 
     def __init__(self, batch: dict[str, Any]):
         self.batch = batch

@@ -36,12 +36,16 @@ class Progress:
             "eta_sec": eta,
         }
 
-    def line(self, step: int, loss: float, lr: float, rates: dict[str, float]) -> str:
+    def line(
+        self, step: int, loss: float, lr: float, rates: dict[str, float], skipped: tuple[float, float] = (0, 0)
+    ) -> str:
+        """`skipped`: (samples, shards) of bad data skipped so far; shown once there is any."""
         width = len(str(self.total))
+        bad = f" | skipped {int(skipped[0])} samples, {int(skipped[1])} shards" if any(skipped) else ""
         flops = f"{rates['tflops_per_device']:.3g} TFLOP/s | " if "tflops_per_device" in rates else ""
         flops += f"MFU {100 * rates['mfu']:.1f}% | " if "mfu" in rates else ""
         return (
             f"step {step:>{width}}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
             f"{rates['samples_per_sec']:.1f} samples/s | {rates['step_time']:.3f} s/step | {flops}"
-            f"eta {format_duration(rates['eta_sec'])}"
+            f"eta {format_duration(rates['eta_sec'])}{bad}"
         )
