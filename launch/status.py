@@ -14,6 +14,8 @@ from typing import Any
 
 from launch.slurm import RECORD_NAME, slurm_dir
 from pretrain.checkpoint import CheckpointManager, read_meta
+from pretrain.runtime.run_lock import LOCK_FILE, holder_is_live, read_holder
+from pretrain.tracking.local_record import read_run_file
 from pretrain.tracking.store import resolve_tracking_uri, ui_hint
 
 UNKNOWN = "unknown"
@@ -71,6 +73,18 @@ def _find_run(tracking_uri: str, run_id: str | None, job_key: str | None) -> tup
     return run_id, None
 
 
+def _lock_state(run_dir: Path) -> str:
+    """Who holds the run directory's lock, and whether that process is alive (when this host can tell)."""
+    try:
+        holder = read_holder(run_dir / LOCK_FILE)
+    except Exception as exc:  # an unreadable lock: say so, never fail the status
+        return f"unreadable ({exc})"
+    if holder is None:
+        return "free"
+    live = {True: "running", False: "gone: a stale lock, taken over by the next start", None: "on another host"}
+    return f"held by {holder.describe()} ({live[holder_is_live(holder)]})"
+
+
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -85,7 +99,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     status["last_logged_step"] = metrics["step"] if metrics else None
     status["last_loss"] = metrics.get("loss") if metrics else None
 
-    run_id = meta.get("mlflow_run_id")
+    status["lock"] = _lock_state(run_dir)
+    run_id = meta.get("mlflow_run_id") or read_run_file(run_dir).get("run_id")
     config_file = run_dir / "config.json"
     saved = meta.get("config") or (json.loads(config_file.read_text()) if config_file.is_file() else {})
     tracking_uri = resolve_tracking_uri(saved.get("tracking", {}).get("uri", ""), run_dir)
@@ -116,6 +131,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"checkpoint       {status['checkpoint'] or 'none yet'}" + (f" (step {step}{of})" if step is not None else ""),
         f"last logged step {status['last_logged_step'] if status['last_logged_step'] is not None else 'none'}"
         + (f", loss {status['last_loss']:.4f}" if status["last_loss"] is not None else ""),
+        f"lock             {status['lock']}",
         f"mlflow run       {status['mlflow_run_id'] or UNKNOWN}",
         f"mlflow ui        {status['mlflow_ui']}",
     ]

@@ -16,6 +16,7 @@ is on disk, so a process killed mid-write leaves the previous checkpoint untouch
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from pretrain.config import ConfigError, UserError
 from pretrain.distributed import gather_floats
 
 log = logging.getLogger("pretrain.checkpoint")
@@ -37,6 +39,42 @@ log = logging.getLogger("pretrain.checkpoint")
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
+
+
+# Less free space than this (or than the previous checkpoint's size) after a failed write: the disk is full.
+_FULL_BELOW = 1 << 20
+
+
+class CheckpointDiskFullError(UserError):
+    """A checkpoint could not be written for lack of space; the previous one is intact."""
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def _out_of_space(exc: BaseException, directory: Path, needed: int) -> bool:
+    """The write failed for lack of space: ENOSPC/EDQUOT anywhere in the chain, or less free space left than
+    a checkpoint needs (torch's writer reports a short write as "unexpected pos", and DCP wraps it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if "No space left on device" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < max(_FULL_BELOW, needed)
+    except OSError:
+        return False
 
 
 def _rank_file(rank: int) -> str:
@@ -126,9 +164,10 @@ class CheckpointManager:
         `write_tensors(directory)` writes the model/optimizer state (every rank calls it)."""
         self.wait()
         start = time.perf_counter()
-        tmp = self._begin(step, rank_state)
-        write_tensors(tmp)
-        return self._finish(step, tmp, meta, checkpoint_format, start)
+        with self._cleaned_up_on_failure(step):
+            tmp = self._begin(step, rank_state)
+            write_tensors(tmp)
+            return self._finish(step, tmp, meta, checkpoint_format, start)
 
     def save_async(
         self,
@@ -144,8 +183,9 @@ class CheckpointManager:
         has finished; until then the previous checkpoint stays the latest."""
         self.wait()
         start = time.perf_counter()
-        tmp = self._begin(step, rank_state)
-        self._pending = (step, tmp, start_write(tmp), meta, checkpoint_format, start)
+        with self._cleaned_up_on_failure(step):
+            tmp = self._begin(step, rank_state)
+            self._pending = (step, tmp, start_write(tmp), meta, checkpoint_format, start)
 
     def poll(self) -> Path | None:
         """Publish a background checkpoint if every rank has finished writing it (a collective)."""
@@ -162,11 +202,54 @@ class CheckpointManager:
             return None
         step, tmp, future, meta, checkpoint_format, start = self._pending
         self._pending = None
-        future.result()  # re-raises a failed write: the previous checkpoint stays the latest
-        return self._finish(step, tmp, meta, checkpoint_format, start)
+        with self._cleaned_up_on_failure(step):
+            future.result()  # re-raises a failed write: the previous checkpoint stays the latest
+            return self._finish(step, tmp, meta, checkpoint_format, start)
+
+    @contextlib.contextmanager
+    def _cleaned_up_on_failure(self, step: int):
+        """A failed write leaves no partial directory, and a full disk says so in one message."""
+        previous = self.latest()
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            full = _out_of_space(exc, self.root, _size(previous) if previous is not None else 0)
+            free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
+            if self.rank == 0:
+                shutil.rmtree(self.root / f".tmp-step_{step:08d}", ignore_errors=True)
+            if not full:
+                raise
+            kept = (
+                f"the previous checkpoint {previous} is intact and `latest` names it; free space, then run the "
+                "same command again: train.resume=auto continues from it"
+                if previous is not None
+                else "there is no earlier checkpoint; free space and start again"
+            )
+            raise CheckpointDiskFullError(
+                f"disk full: checkpoint step {step} could not be written to {self.root} ({_human(free)} free); "
+                f"the partial write was removed; {kept}"
+            ) from exc
+
+    def check_space(self, step: int) -> None:
+        """Warn before writing when the previous checkpoint would not fit in the free space."""
+        previous = self.latest()
+        if self.rank != 0 or previous is None:
+            return
+        needed, free = _size(previous), shutil.disk_usage(self.root).free
+        if free < needed:
+            log.warning(
+                "checkpoint step %d may not fit: %s free in %s, the previous checkpoint took %s",
+                step,
+                _human(free),
+                self.root,
+                _human(needed),
+            )
 
     def _begin(self, step: int, rank_state: dict[str, Any]) -> Path:
         tmp = self.root / f".tmp-step_{step:08d}"
+        self.check_space(step)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob(".tmp-step_*"):  # from a process killed mid-write
@@ -234,16 +317,10 @@ def resolve_resume(spec: str, manager: CheckpointManager) -> Path | None:
         return None
     if spec == "auto":
         return manager.latest()
-    path = Path(spec)
-    if (path / LATEST_FILE).is_file() or (path / "checkpoints").is_dir():
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = CheckpointManager(root).latest()
-        if found is None:
-            raise FileNotFoundError(f"train.resume: no complete checkpoint under {path}")
-        return found
-    if not is_complete(path):
-        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (missing .metadata or {META_FILE})")
-    return path
+    try:
+        return find_checkpoint(spec)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"train.resume: {exc}") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:

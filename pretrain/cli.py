@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, UserError
 from pretrain.logs import setup_logging
 from pretrain.recipes import load_config
 
@@ -29,14 +29,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pretrain.train import Trainer
 
     overrides = list(args.overrides) + ([f"train.resume={json.dumps(args.resume)}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     try:
-        result = Trainer(load_config(args.config, overrides)).fit(until=args.until)
+        result = Trainer(cfg, force_lock=args.force).fit(until=args.until)
     finally:
         destroy_distributed()
     stopped = f" (stopped by {result.stopped_by})" if result.stopped_by else ""
-    print(
-        f"finished at step {result.step}{stopped}; checkpoint: {result.checkpoint}; mlflow run: {result.mlflow_run_id}"
-    )
+    tracked = result.mlflow_run_id
+    if tracked is None and cfg.tracking.enabled:
+        tracked = f"none (not reached; `pretrain tracking sync {cfg.run_dir}` delivers the run's record later)"
+    print(f"finished at step {result.step}{stopped}; checkpoint: {result.checkpoint}; mlflow run: {tracked}")
     return exit_code_after_stop(result.stopped_by)
 
 
@@ -79,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.latent_shards import register as register_latents
     from pretrain.plan.cli import register as register_plan
     from pretrain.sample import register as register_sample
+    from pretrain.tracking.sync import register as register_tracking
 
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of user and environment errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a method from a config")
@@ -88,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="auto (latest good checkpoint), none, or a checkpoint path")
     train.add_argument(
         "--until", type=int, metavar="STEP", help="stop after this step (the schedule still spans train.steps)"
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="take over the run directory's lock from a holder on another host that is known to be gone",
     )
     train.set_defaults(func=cmd_train)
 
@@ -123,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_launch(commands)
     register_plan(commands)
     register_sample(commands)
+    register_tracking(commands)
     register_fid(eval_commands)
 
     demo = commands.add_parser("demo", help="digits shards -> MAE ViT-tiny pretraining -> kNN vs random init")
@@ -133,13 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Mistakes of the user and problems of the environment: one line, exit code 2, no traceback (--debug keeps it).
+_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except _USER_ERRORS as exc:
+        if args.debug:
+            raise
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"{kind}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -39,7 +39,13 @@ PosInterpolation = Literal["size", "scale_offset"]
 ViTInit = Literal["xavier", "xavier_split_qkv", "trunc_normal"]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user asked for, or an environment that cannot run it (a locked or read-only
+    run directory, a full disk). The command line prints the message as one line and exits with 2; the
+    traceback is kept only with `--debug`."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, always naming the offending key."""
 
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from data_pipeline.augment import eval_transform
 from data_pipeline.loader import ResumableLoader
+from data_pipeline.shardlist import resolve_shards
 from pretrain.config import Config, ConfigError
 from pretrain.methods.registry import METHODS, build_train_transform
 from pretrain.runtime.world import WorldInfo
@@ -14,10 +15,18 @@ if TYPE_CHECKING:
     from data_pipeline.dali_loader import DaliLoader
 
 
-def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
-    data = cfg.data
-    if not data.shards:
+def check_data_spec(cfg: Config) -> None:
+    """data.shards names shards (cheap: globs and manifests, no reading), before a run directory exists."""
+    if not cfg.data.shards:
         raise ConfigError("data.shards: empty; set it to a manifest.json, a shard directory, a brace pattern or URLs")
+    try:
+        resolve_shards(cfg.data.shards, cfg.data.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.shards: {exc}") from exc
+
+
+def build_train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader:
+    check_data_spec(cfg)
     try:
         return _train_loader(cfg, world)
     except (FileNotFoundError, ValueError) as exc:

@@ -49,16 +49,31 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, peak_lr: float
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, peak_lr: float, start_step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR so the schedule's position travels in checkpoints like any other torch state."""
+    """The learning rate as a function of the step and the settings alone, standing at `start_step`.
+
+    A resumed run builds it anew from the settings it resumes with (so a changed rate, warmup or length
+    takes effect at the resumed step); with unchanged settings it equals the saved schedule exactly."""
     floor = cfg.min_lr * peak_lr / cfg.base_lr if cfg.lr_scaling == "linear" else cfg.min_lr
     for group in optimizer.param_groups:
-        group["lr"] = peak_lr
+        group["lr"] = group["initial_lr"] = peak_lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(step, total_steps, cfg.warmup_steps, peak_lr, floor) / peak_lr,
+        last_epoch=start_step - 1,
     )
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Settings that a loaded optimizer state carries in its parameter groups are taken from the config,
+    so a resume with changed settings uses them (the moments are kept)."""
+    for index, group in enumerate(optimizer.param_groups):
+        if "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+        if "eps" in group:
+            group["eps"] = cfg.eps
+        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0  # the decayed group (see `param_groups`)
 
 
 def cosine_ramp(step: int, total: int, start: float, end: float) -> float:

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from data_pipeline.loader import merge_states
 from pretrain.checkpoint import CheckpointManager, dcp_load, find_checkpoint, load_rank_state, read_meta, resolve_resume
 from pretrain.config import Config, ConfigError
-from pretrain.data import build_train_loader
+from pretrain.data import build_train_loader, check_data_spec
 from pretrain.distributed import all_reduce_mean, gather_floats
 from pretrain.engines import build_engine
 from pretrain.eval.features import count_classes, split_features
@@ -34,14 +34,17 @@ from pretrain.flops import device_peak_flops
 from pretrain.logs import setup_logging
 from pretrain.memory import peak_memory_gb
 from pretrain.methods.registry import build_device_transform, build_method, flops_per_sample
-from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr
+from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr, set_hyperparameters
 from pretrain.progress import Progress
 from pretrain.recipes import config_from_saved
+from pretrain.resume_changes import check_changes
 from pretrain.rng import rng_state, seed_everything, seed_step, set_rng_state
 from pretrain.runtime.preemption import StopRequest
+from pretrain.runtime.run_lock import RunLock, check_writable
 from pretrain.runtime.watchdog import Watchdog
 from pretrain.runtime.world import host_tags, world_from_env
 from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
+from pretrain.tracking.local_record import MetricsLog, Reconcile, update_run_file
 from pretrain.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger("pretrain.train")
@@ -93,13 +96,38 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     """Holds the pieces of a run; `fit()` is the loop."""
 
-    def __init__(self, cfg: Config, loader: Any = None):
-        """`loader`: batches to train on instead of data.shards' (e.g. the benchmark's synthetic batch)."""
+    def __init__(self, cfg: Config, loader: Any = None, force_lock: bool = False):
+        """`loader`: batches to train on instead of data.shards' (e.g. the benchmark's synthetic batch).
+        `force_lock`: take over the run directory's lock from a holder on another host (`--force`)."""
         self.cfg = cfg
         self.world = world_from_env()
         self.run_dir = cfg.run_dir
-        self.engine = build_engine(cfg, self.world)
-        # Data first: a missing or empty shard spec fails before a model or run directory exists.
+        # Before any work: the data spec names shards, the run directory is writable and this job's alone,
+        # and a resume names a complete checkpoint whose settings may change as asked.
+        if loader is None:
+            check_data_spec(cfg)
+        self.engine = build_engine(cfg, self.world)  # checks the engine's options against the device
+        check_writable(self.run_dir)
+        self.lock = RunLock(self.run_dir)
+        self._force_lock = force_lock
+        if self.world.is_main:
+            self.lock.acquire(force_lock)
+        try:
+            self._setup(loader)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, loader: Any) -> None:
+        cfg = self.cfg
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", cfg.train.keep_last, self.world.rank, self.world.world_size
+        )
+        self.resumed_from = resolve_resume(cfg.train.resume, self.checkpoints)
+        self._resume_meta = read_meta(self.resumed_from) if self.resumed_from is not None else None
+        if self._resume_meta is not None:
+            self._check_resumable(self._resume_meta, self.resumed_from)
+        # Data first: a missing or empty shard spec fails before a model exists.
         self.loader = loader if loader is not None else build_train_loader(cfg, self.world)
         self.device_transform = build_device_transform(cfg)
         setup_logging(self.run_dir, self.world.rank)
@@ -118,34 +146,53 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, self.peak_lr)
         self.weight_decay = WeightDecaySchedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.ema_pairs = self.method.ema_pairs()
-        self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", cfg.train.keep_last, self.world.rank, self.world.world_size
-        )
         self.step = 0
+        self._samples_before = 0  # samples seen before self._samples_from (batch sizes may change on resume)
+        self._samples_from = 0
         self.mlflow_run_id: str | None = None
         self.job_key = uuid.uuid4().hex  # replaced by the checkpoint's on resume
-        self.resumed_from = resolve_resume(cfg.train.resume, self.checkpoints)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
         elif cfg.train.init_from:
             self._load_initial_weights(cfg.train.init_from)
 
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl") if self.world.is_main else None
+        replay: list = []
+        if self.metrics_log is not None and self.resumed_from is not None:
+            # Steps after the checkpoint will be re-run: their lines go; what is left up to the checkpoint
+            # is replayed to MLflow where the server lacks it (points a killed process never sent).
+            replay = self.metrics_log.truncate_after(self.step)
+        tags = {**host_tags(self.world), **({"git_commit": c} if (c := _git_commit()) else {})}
         self.tracker = Tracker(
             resolve_tracking_uri(cfg.tracking.uri, self.run_dir),
             experiment=cfg.tracking.experiment,
             run_name=cfg.run.name,
             run_id=self.mlflow_run_id,
-            tags={**host_tags(self.world), **({"git_commit": c} if (c := _git_commit()) else {})},
+            tags=tags,
             flush_interval=cfg.tracking.flush_interval,
             enabled=cfg.tracking.enabled and self.world.is_main,
             job_key=self.job_key,
+            local_dir=self.run_dir / "tracking",
+            resume=Reconcile(self.step, replay) if self.resumed_from is not None else None,
+            on_run=lambda run_id: update_run_file(self.run_dir, run_id=run_id),
         )
         if self.world.is_main:
+            update_run_file(
+                self.run_dir,
+                job_key=self.job_key,
+                run_id=self.mlflow_run_id,
+                tracking_uri=self.tracker.tracking_uri,
+                experiment=cfg.tracking.experiment,
+                run_name=cfg.run.name,
+                tags=tags,
+                status="RUNNING",
+            )
             config_file = self.run_dir / "config.json"
             config_file.write_text(json.dumps(cfg.to_dict(), indent=2))
-            if self.resumed_from is None:
-                self.tracker.log_params(flatten_config(cfg.to_dict()))
-                self.tracker.log_artifact_file(str(config_file))
+            # Params go on every start: MLflow keeps the first value, and a first process that never
+            # reached the server delivered none.
+            self.tracker.log_params(flatten_config(cfg.to_dict()))
+            self.tracker.log_artifact_file(str(config_file))
             log.info("tracking: %s", self.tracker.ui_hint())
 
     # ------------------------------------------------------------------ checkpoint state
@@ -164,8 +211,10 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
             "job_key": self.job_key,
-            "samples_seen": self.step * self.samples_per_step,
+            "samples_seen": self._samples_before + (self.step - self._samples_from) * self.samples_per_step,
         }
+        if self.metrics_log is not None:
+            self.metrics_log.sync()  # every metric up to this step is on disk before the checkpoint exists
         rank_state = rank_state or self._rank_state()
         model, optimizer, fmt = self.model, self.optimizer, self.engine.checkpoint_format
         if background:
@@ -175,26 +224,21 @@ class Trainer:
         write = lambda directory: self.engine.save_tensors(model, optimizer, directory)  # noqa: E731
         return self.checkpoints.save(self.step, write, rank_state, meta, fmt)
 
-    def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        """Architecture changes cannot resume; other changed settings are allowed but reported.
+    def _check_resumable(self, meta: dict[str, Any], path: Path, weights_only: bool = False) -> None:
+        """Refuse changes a resume cannot honour (the network, the data order), report the others with what
+        each does (`pretrain/resume_changes.py` has the rule).
 
         The saved config is read with today's schema first, so a field added since (at its default,
-        which keeps the old behaviour) is no change; one set otherwise is named in the error."""
+        which keeps the old behaviour) is no change; one set otherwise is named."""
+        saved = meta["config"]
         try:
             saved = config_from_saved(saved).to_dict()
         except ConfigError:
             pass  # compare as saved: every difference is reported
         before, now = flatten_config(saved), flatten_config(self.cfg.to_dict())
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        fatal = [k for k in changed if k.split(".")[0] in ("model", "method")]
-        if fatal:
-            details = ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in fatal)
-            raise ConfigError(f"cannot resume from {path}: the network changed ({details}); use train.resume=none")
-        if changed := [k for k in changed if k.split(".")[0] not in ("run", "tracking", "train", "launch")]:
-            log.warning(
-                "resuming with changed settings: %s",
-                ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed),
-            )
+        changes = check_changes(before, now, int(meta.get("step", 0)), path, weights_only)
+        if changes and not weights_only:
+            log.warning("resuming from %s with changed settings:\n  %s", path, "\n  ".join(changes))
 
     def _load_initial_weights(self, spec: str) -> None:
         """train.init_from: the model weights of a DCP checkpoint; optimizer, schedule and data start fresh."""
@@ -206,36 +250,49 @@ class Trainer:
             )
         if self.engine.name == "deepspeed":
             raise ConfigError("train.init_from: not available with engine.kind = deepspeed; start on a DCP engine")
-        self._check_resumable(meta["config"], path)
+        self._check_resumable(meta, path, weights_only=True)
         state = {"model": get_model_state_dict(self.model)}
         dcp_load(state, path)
         set_model_state_dict(self.model, state["model"])
         log.info("model weights from %s (step %s); optimizer and schedule start fresh", path, meta.get("step"))
 
     def _restore(self, path: Path) -> None:
-        meta = read_meta(path)
+        meta = self._resume_meta
         if "imported_from" in meta:
             raise ConfigError(
                 f"train.resume: {path} was imported (`pretrain ckpt import`) and holds no optimizer or schedule; "
                 f'start from it with train.init_from="{path}"'
             )
-        self._check_resumable(meta["config"], path)
         self.engine.load_tensors(self.model, self.optimizer, path)
         rank_state = load_rank_state(path, self.world.rank)
         if meta["world_size"] != self.world.world_size:
             saved = [load_rank_state(path, rank) for rank in range(meta["world_size"])]
             merge = getattr(self.loader, "merge_states", merge_states)  # a loader's own rule (DALI's)
             rank_state = {**(rank_state or saved[0]), "data": merge([s["data"] for s in saved])}
+            old = meta["config"]
+            before = old["data"]["batch_size"] * old["optim"]["accum_steps"] * meta["world_size"]
             log.warning(
-                "checkpoint written at world size %d, resuming at %d: model and optimizer are resharded; "
-                "data streams continue where their layout allows",
+                "checkpoint written at world size %d, resuming at %d: model and optimizer are resharded; data "
+                "streams continue where their layout allows; the global batch is %d samples (was %d)%s",
                 meta["world_size"],
                 self.world.world_size,
+                self.samples_per_step,
+                before,
+                ", and the learning rate follows it (optim.lr_scaling = linear)"
+                if before != self.samples_per_step and self.cfg.optim.lr_scaling == "linear"
+                else "",
             )
-        self.scheduler.load_state_dict(rank_state["scheduler"])
+        self.step = meta["step"]
+        # The schedule is rebuilt from today's settings at the saved step (equal to the saved one when
+        # nothing changed); the optimizer's hyperparameters come from the config, its moments from the file.
+        set_hyperparameters(self.optimizer, self.cfg.optim)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.cfg.optim, self.cfg.train.steps, self.peak_lr, start_step=self.step
+        )
         self.loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
-        self.step = meta["step"]
+        self._samples_before = int(meta.get("samples_seen", self.step * self.samples_per_step))
+        self._samples_from = self.step
         self.mlflow_run_id = meta.get("mlflow_run_id")
         self.job_key = meta.get("job_key", self.job_key)
         log.info("resumed from %s at step %d", path, self.step)
@@ -257,6 +314,8 @@ class Trainer:
         train.steps), e.g. for jobs that get a fixed slice of a cluster's time. `save_final=False`
         skips the checkpoint at the end (benchmarks)."""
         cfg = self.cfg
+        if self.world.is_main and not self.lock.held:  # a second fit() of this trainer
+            self.lock.acquire(self._force_lock)
         stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
         result = TrainResult(step=self.step, mlflow_run_id=self.mlflow_run_id)
         self._progress = Progress(cfg.train.steps, self.step, self.samples_per_step)
@@ -307,6 +366,13 @@ class Trainer:
             if system is not None:
                 system.stop()
             self.tracker.close(timeout=cfg.tracking.close_timeout, status=status)
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+                try:
+                    update_run_file(self.run_dir, run_id=self.tracker.run_id, status=status)
+                except OSError as exc:  # a full disk: the error being raised says more
+                    log.warning("could not record the run's status in %s: %s", self.run_dir, exc.strerror)
+            self.lock.release()
         result.step = self.step
         result.mlflow_run_id = self.tracker.run_id
         return result
@@ -390,9 +456,8 @@ class Trainer:
         """Every metric of this step goes to MLflow and, on rank 0, to metrics.jsonl, a local record that
         needs no server."""
         self.tracker.log_metrics(metrics, step=self.step)
-        if self.world.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        if self.metrics_log is not None:
+            self.metrics_log.append(self.step, metrics)
 
     def _report(self, lr: float) -> None:
         """Log the window's means; per-rank figures expose stragglers and the most loaded rank."""
@@ -401,7 +466,12 @@ class Trainer:
         rates.update(self._flop_rates(rates["samples_per_sec"]))
         means = {name: sum(values) / len(values) for name, values in self._window.items()}
         per_rank = gather_floats(
-            [means.pop("rank_step_time"), peak_memory_gb(self.engine.device), self.loader.skipped_total]
+            [
+                means.pop("rank_step_time"),
+                peak_memory_gb(self.engine.device),
+                self.loader.skipped_total,
+                getattr(self.loader, "skipped_shards_total", 0),
+            ]
         )
         step_times = [r[0] for r in per_rank]
         metrics = {
@@ -413,13 +483,15 @@ class Trainer:
             "step_time_slowest_rank": max(step_times),
             "step_time_spread": (max(step_times) - min(step_times)) / max(1e-9, sum(step_times) / len(step_times)),
             "peak_memory_gb_max_rank": max(r[1] for r in per_rank),
-            "data_skipped": sum(r[2] for r in per_rank),
+            "data_skipped_samples": sum(r[2] for r in per_rank),
+            "data_skipped_shards": sum(r[3] for r in per_rank),
         }
         if self.world.distributed:
             metrics.update({f"peak_memory_gb_rank{rank}": r[1] for rank, r in enumerate(per_rank)})
         self._record(metrics)
         if self.world.is_main:
-            log.info(progress.line(self.step, means["loss"], lr, rates))
+            skipped = (metrics["data_skipped_samples"], metrics["data_skipped_shards"])
+            log.info(progress.line(self.step, means["loss"], lr, rates, skipped))
 
     def _flop_rates(self, samples_per_sec: float) -> dict[str, float]:
         """Achieved model TFLOP/s per device (analytic training FLOPs, not counting recomputation) and

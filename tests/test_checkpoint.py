@@ -21,6 +21,7 @@ from pretrain.checkpoint import (
     read_meta,
     resolve_resume,
 )
+from pretrain.config import ConfigError
 
 
 def _tensors(step: int, numel: int = 1000) -> dict:
@@ -62,8 +63,10 @@ def test_latest_falls_back_when_marker_points_to_damaged(tmp_path):
     assert resolve_resume("auto", mgr) == mgr.step_dir(1)
     assert resolve_resume("none", mgr) is None
     assert resolve_resume(str(tmp_path), mgr) == mgr.step_dir(1)
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match=r"train.resume: .* is an incomplete checkpoint \(missing meta.json\)"):
         resolve_resume(str(second), mgr)
+    with pytest.raises(ConfigError, match="train.resume: .*no such file or directory"):
+        resolve_resume(str(tmp_path / "missing"), mgr)
 
 
 def test_resave_same_step_replaces(tmp_path):

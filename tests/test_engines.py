@@ -77,10 +77,12 @@ def resume_dump_and_train(nproc: int, overrides: list[str], dump: Path) -> dict:
     return torch.load(dump, weights_only=False)
 
 
-def full_state_from_checkpoint(checkpoint: Path, overrides: list[str]) -> dict:
-    """What a checkpoint holds, loaded by one plain process: the reference for resharded loads."""
+def full_state_from_checkpoint(checkpoint: Path, overrides: list[str], world_size: int = 1) -> dict:
+    """What a checkpoint holds, loaded by one plain process: the reference for resharded loads. Its batch is
+    that of `world_size` ranks of 8: a resume rebuilds the schedule for its global batch (linear scaling)."""
+    batch = f"data.batch_size={8 * world_size}"
     trainer = Trainer(
-        load_config(REPO / "configs/mae_vit_tiny_digits.toml", [*overrides, f'train.resume="{checkpoint}"'])
+        load_config(REPO / "configs/mae_vit_tiny_digits.toml", [*overrides, batch, f'train.resume="{checkpoint}"'])
     )
     model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
     return {"model": model_state, "optim": optim_state}
@@ -91,9 +93,8 @@ def test_fsdp_checkpoint_resumes_at_one_and_three_ranks(tmp_path, shards):
     torchrun(2, train_args(overrides, "--until", "3"))
     checkpoint = tmp_path / "tiny" / "checkpoints" / "step_00000003"
     assert json.loads((checkpoint / "meta.json").read_text())["world_size"] == 2
-    reference = full_state_from_checkpoint(checkpoint, [*tiny_overrides(tmp_path / "ref", shards)])
-
     for nproc in (1, 3):
+        reference = full_state_from_checkpoint(checkpoint, tiny_overrides(tmp_path / f"ref{nproc}", shards), nproc)
         dump = tmp_path / f"state_{nproc}.pt"
         resumed = [*overrides, f'run.name="resume{nproc}"', f'train.resume="{checkpoint}"']
         state = resume_dump_and_train(nproc, resumed, dump)
@@ -200,7 +201,7 @@ def test_deepspeed_checkpoint_converted_to_dcp_resumes_with_fsdp(tmp_path, shard
     assert out.returncode == 0, out.stderr[-3000:]
     meta = json.loads((converted / "meta.json").read_text())
     assert (meta["format"], meta["step"], meta["world_size"]) == ("dcp", 3, 2)
-    reference = full_state_from_checkpoint(converted, tiny_overrides(tmp_path / "ref", shards))
+    reference = full_state_from_checkpoint(converted, tiny_overrides(tmp_path / "ref", shards), world_size=2)
 
     dump = tmp_path / "fsdp_state.pt"
     resumed = [*tiny_overrides(tmp_path, shards, "engine.kind=fsdp"), 'run.name="fsdp"', f'train.resume="{converted}"']

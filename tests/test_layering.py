@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pretrain.visualize",
             "pretrain.checkpoint",
             "pretrain.tracking",
+            "pretrain.resume_changes",
         ),
     ),
     (

@@ -4,6 +4,7 @@ and keep tracking in one MLflow run across a resume."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.reader import ShardFailure, read_shard
 from pretrain.checkpoint import read_meta
 from pretrain.config import ConfigError
 from pretrain.methods.mae import MaskedAutoencoder
@@ -96,7 +98,7 @@ def test_nonfinite_loss_skip_policy_drops_the_step(tmp_path, digit_shards, monke
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
-def test_corrupt_shard_is_skipped_and_counted(tmp_path, digit_shards):
+def test_corrupt_shard_is_skipped_and_counted(tmp_path, digit_shards, caplog):
     shards = tmp_path / "shards"
     shutil.copytree(digit_shards, shards)
     victim = sorted(shards.glob("train-*.tar"))[0]
@@ -112,10 +114,18 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path, digit_shards):
         "data.shuffle_buffer=0",
         "method.mae.mask_ratio=0.9",
     )
-    trainer = Trainer(cfg)
-    result = trainer.fit()
+    readable = sum(1 for item in read_shard(str(victim)) if not isinstance(item, ShardFailure))
+    with caplog.at_level(logging.WARNING, logger="data_pipeline"):
+        trainer = Trainer(cfg)
+        result = trainer.fit()
     assert result.step == 190
-    assert trainer.loader.skipped_total == 1
+    # The manifest knows the shard's 64 samples: the unread rest of it counts, not one event.
+    lost = 64 - readable
+    assert 0 < readable < 64 and (trainer.loader.skipped_total, trainer.loader.skipped_shards_total) == (lost, 1)
+    last = json.loads((cfg.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["data_skipped_samples"], last["data_skipped_shards"]) == (lost, 1)
+    (warning,) = [r.getMessage() for r in caplog.records if str(victim) in r.getMessage()]
+    assert f"{lost} samples lost" in warning and "after sample 'digits-" in warning
 
 
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, digit_shards, caplog):
@@ -137,7 +147,7 @@ def test_bad_data_spec_fails_before_any_work(tmp_path):
 def test_resume_refuses_a_changed_network(tmp_path, digit_shards):
     Trainer(tiny_config(tmp_path, digit_shards, "tracking.enabled=false")).fit(until=1)
     changed = tiny_config(tmp_path, digit_shards, "tracking.enabled=false", "method.mae.decoder_depth=2")
-    with pytest.raises(ConfigError, match=r"network changed \(method.mae.decoder_depth: 1 -> 2\)"):
+    with pytest.raises(ConfigError, match=r"method.mae.decoder_depth: 1 -> 2 \(the network changed\)"):
         Trainer(changed)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.tracking.local_record import Reconcile
 from pretrain.tracking.outbox import (
     MAX_KEY_LEN,
     MAX_PARAM_LEN,
@@ -75,7 +76,9 @@ class Tracker:
     the first successful contact otherwise, and None while the server is unreachable.
     `job_key` names the training job across restarts: without a `run_id`, the run tagged with
     the same key (created by an earlier process that died before checkpointing the id) continues.
-    `enabled=False` makes every method a no-op, for non-zero ranks.
+    `enabled=False` makes every method a no-op, for non-zero ranks. `local_dir` keeps the pictures
+    (the run's local record, see local_record.py); `resume` reconciles a resumed job with its run's
+    history; `on_run(run_id)` is called once the run exists.
     """
 
     def __init__(
@@ -89,6 +92,9 @@ class Tracker:
         enabled: bool = True,
         max_backlog: int = 100_000,
         job_key: str | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        resume: Reconcile | None = None,
+        on_run: Callable[[str], None] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.enabled = enabled
@@ -99,7 +105,23 @@ class Tracker:
             return
         for name, value in _MLFLOW_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
-        self._worker = DeliveryWorker(self._outbox, tracking_uri, experiment, run_name, run_id, flush_interval, job_key)
+        # Imported here, on the training thread, before the worker starts: two threads importing mlflow at
+        # once (the worker's client, the system-metrics samplers) can leave `mlflow.tracking` partially
+        # initialized in one of them, and every later send fails.
+        import mlflow.tracking  # noqa: F401
+
+        self._worker = DeliveryWorker(
+            self._outbox,
+            tracking_uri,
+            experiment,
+            run_name,
+            run_id,
+            flush_interval,
+            job_key,
+            str(local_dir) if local_dir is not None else None,
+            resume,
+            on_run,
+        )
         if tags:
             self.set_tags(tags)
 
@@ -157,7 +179,14 @@ class Tracker:
     def close(self, timeout: float = 30.0, status: str = "FINISHED") -> None:
         """Deliver the backlog, then end the run as FINISHED, FAILED or KILLED."""
         if not self._worker.stop(timeout, status):
-            logger.warning("tracking: gave up after %.1fs; unsent: %s", timeout, self._outbox.unsent())
+            logger.warning(
+                "tracking: gave up after %.1fs; unsent: %s.%s",
+                timeout,
+                self._outbox.unsent(),
+                " They are kept in the run directory: deliver them later with `pretrain tracking sync RUN_DIR`"
+                if self._worker.local_dir
+                else "",
+            )
 
     def ui_hint(self) -> str:
         """Where to look at this run, for the startup log."""

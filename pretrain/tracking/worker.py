@@ -18,18 +18,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pretrain.tracking.local_record import IMAGES_DIR, Reconcile
 from pretrain.tracking.outbox import Outbox, Upload
-from pretrain.tracking.store import local_artifact_location
+from pretrain.tracking.runs import EXPERIMENT_TAGS, JOB_KEY_TAG, known_points, open_run
+
+__all__ = ["EXPERIMENT_TAGS", "JOB_KEY_TAG", "DeliveryWorker"]
 
 logger = logging.getLogger("pretrain.tracking")
 
 # MLflow's per-request limits. Params and tags go in separate calls: 100 params of 6000
 # characters plus 100 tags of 8000 would exceed the 1 MB request cap.
 _METRICS_PER_CALL = 1000
-JOB_KEY_TAG = "pretrain.job_key"  # identifies one training job across restarts
-# MLflow 3's UI opens an experiment without this tag in its GenAI view; this value selects model training
-# (the UI's ExperimentKind CUSTOM_MODEL_DEVELOPMENT).
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _PARAMS_PER_CALL = 100
 _MAX_BACKOFF_S = 30.0
 _URGENT_RETRY_S = 1.0
@@ -61,10 +60,18 @@ class DeliveryWorker:
         resume_id: str | None,
         flush_interval: float,
         job_key: str | None = None,
+        local_dir: str | None = None,
+        resume: Reconcile | None = None,
+        on_run: Callable[[str], None] | None = None,
     ) -> None:
+        """`local_dir`: keep pictures there (PNG) instead of a temp dir, for `pretrain tracking sync`.
+        `resume`: reconcile with the run's history on first contact (see `Reconcile`). `on_run(run_id)`:
+        called once the run exists."""
         self.outbox, self.tracking_uri, self.job_key = outbox, tracking_uri, job_key
+        self.local_dir, self._reconcile, self._on_run = local_dir, resume, on_run
+        self._already_sent: set[tuple[str, int]] = set()  # (key, step) the server has of steps to be re-run
         self.experiment, self.run_name, self.flush_interval = experiment, run_name, flush_interval
-        self.run_id = self._resume_id = resume_id
+        self.run_id = resume_id
         self.experiment_id: str | None = None
         self._client: Any = None  # set once the run exists
         self._logged_params: dict[str, str] = {}
@@ -169,63 +176,34 @@ class DeliveryWorker:
         from mlflow.tracking import MlflowClient  # built here: a store may contact its server
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        run = self._resume(client) if self._resume_id else None
-        if run is None and self.job_key:
-            run = self._find_job_run(client)
-        if run is None:
-            tags = {JOB_KEY_TAG: self.job_key} if self.job_key else None
-            run = client.create_run(self._experiment(client), run_name=self.run_name, tags=tags)
+        run, _ = open_run(client, self.tracking_uri, self.experiment, self.run_name, self.run_id, self.job_key)
+        if self._reconcile is not None:
+            self._catch_up(client, run, self._reconcile)
+            self._reconcile = None
         self._logged_params = dict(run.data.params)
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self._client = client
+        if self._on_run is not None:
+            try:
+                self._on_run(self.run_id)
+            except Exception:
+                logger.warning("tracking: recording the run id failed", exc_info=True)
         return client
 
-    def _resume(self, client: Any) -> Any:
-        """Continue the saved run, back in RUNNING state; None if it is gone."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = client.get_run(self._resume_id)
-        except MlflowException as err:
-            if err.get_http_status_code() != 404:
-                raise
-            run = None
-        if run is None or run.info.lifecycle_stage == "deleted":
-            logger.warning("tracking: run %s not found at %s; starting a new run", self._resume_id, self.tracking_uri)
-            self._resume_id = self.run_id = None
-            return None
-        if run.info.status != "RUNNING":
-            client.update_run(run.info.run_id, status="RUNNING")
-        return run
-
-    def _find_job_run(self, client: Any) -> Any:
-        """The run an earlier process of this job created before any checkpoint recorded its id."""
-        runs = client.search_runs(
-            [self._experiment(client)], filter_string=f"tags.`{JOB_KEY_TAG}` = '{self.job_key}'", max_results=1
-        )
-        if not runs:
-            return None
-        self._resume_id = runs[0].info.run_id
-        return self._resume(client)
-
-    def _experiment(self, client: Any) -> str:
-        from mlflow.exceptions import MlflowException
-
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            try:
-                location = local_artifact_location(self.tracking_uri)
-                return client.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
-            except MlflowException as err:
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                exp = client.get_experiment_by_name(self.experiment)  # another job created it first
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag, or by hand
-            if key not in exp.tags:
-                client.set_experiment_tag(exp.experiment_id, key, value)
-        return exp.experiment_id
+    def _catch_up(self, client: Any, run: Any, reconcile: Reconcile) -> None:
+        """A resumed job's first contact: queue (first) the points of steps up to the checkpoint that the
+        server lacks (a killed process never sent them), and remember which points of the steps after it
+        the server has, so their re-run does not log them twice."""
+        known = known_points(client, run)
+        missing = [p for p in reconcile.replay if (p.key, p.step) not in known]
+        self._already_sent = {(key, step) for key, step in known if step > reconcile.step}
+        if missing:
+            self.outbox.requeue_metrics(list(missing))
+            logger.info(
+                "tracking: delivering %d metric points of steps up to %d that MLflow lacks",
+                len(missing),
+                reconcile.step,
+            )
 
     def _deliver(self, send: Callable[[], None], requeue: Callable[[], None], what: str) -> None:
         """A transient failure requeues and propagates (the pass is retried); a rejection drops."""
@@ -275,9 +253,15 @@ class DeliveryWorker:
             remaining = len(self.outbox.metrics)  # bounded, so a fast producer can't starve the rest
         while remaining > 0 and (chunk := self.outbox.take_metrics(min(remaining, _METRICS_PER_CALL))):
             remaining -= len(chunk)
+            if self._already_sent:
+                chunk = [p for p in chunk if (p[0], p[3]) not in self._already_sent]
+                if not chunk:
+                    continue
             # A resent point keeps its timestamp, and the server ignores exact duplicates.
             self._log_batch(
-                client, lambda: self.outbox.requeue_metrics(chunk), metrics=[Metric(*point) for point in chunk]
+                client,
+                lambda chunk=chunk: self.outbox.requeue_metrics(chunk),
+                metrics=[Metric(*point) for point in chunk],
             )
 
     def _stage_images(self) -> None:
@@ -290,15 +274,20 @@ class DeliveryWorker:
                 if not box.images:
                     return
                 array, file_name = box.images.popleft()
-            self._staging = self._staging or tempfile.mkdtemp(prefix="pretrain-tracking-")
-            path = os.path.join(self._staging, file_name)
+            if self.local_dir is not None:  # kept: the run's own copy, and what `tracking sync` uploads
+                directory, staged = os.path.join(self.local_dir, IMAGES_DIR), False
+                os.makedirs(directory, exist_ok=True)
+            else:
+                self._staging = self._staging or tempfile.mkdtemp(prefix="pretrain-tracking-")
+                directory, staged = self._staging, True
+            path = os.path.join(directory, file_name)
             try:
                 Image.fromarray(array).save(path)
             except Exception:
                 logger.warning("tracking: could not write %s; dropping it", path, exc_info=True)
                 continue
             with box.cond:
-                box.uploads.append(Upload(path, "images", staged=True))
+                box.uploads.append(Upload(path, IMAGES_DIR, staged=staged))
 
     def _send_uploads(self, client: Any) -> None:
         box = self.outbox
