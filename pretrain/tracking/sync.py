@@ -83,6 +83,7 @@ def sync_run(run_dir: str | os.PathLike[str], uri: str | None = None, force: boo
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary names the run
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).is_file() and not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a run directory (no {METRICS_FILE} or config.json)")
