@@ -36,6 +36,9 @@ TINY = [
     "method.vae.base_channels=32",
     "method.vae.norm_groups=8",
     "method.vae.disc_channels=16",
+    "method.jigsaw.tile_size=8",
+    "method.jigsaw.gap=2",
+    "method.jigsaw.jitter=1",
 ]
 
 

@@ -49,6 +49,7 @@ METHODS = {
         "data.crop_scale=[1.0, 1.0]",
     ],
     "rotation": ["method.name=rotation"],
+    "jigsaw": ["method.name=jigsaw", "method.jigsaw.tile_size=4", "method.jigsaw.gap=1", "method.jigsaw.jitter=1"],
     "vae": [
         "method.name=vae",
         "method.vae.downsample=4",
