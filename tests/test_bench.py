@@ -39,6 +39,9 @@ TINY = [
     "method.jigsaw.tile_size=8",
     "method.jigsaw.gap=2",
     "method.jigsaw.jitter=1",
+    "method.relative_patch.tile_size=8",
+    "method.relative_patch.gap=2",
+    "method.relative_patch.jitter=1",
 ]
 
 

@@ -50,6 +50,12 @@ METHODS = {
     ],
     "rotation": ["method.name=rotation"],
     "jigsaw": ["method.name=jigsaw", "method.jigsaw.tile_size=4", "method.jigsaw.gap=1", "method.jigsaw.jitter=1"],
+    "relative_patch": [
+        "method.name=relative_patch",
+        "method.relative_patch.tile_size=4",
+        "method.relative_patch.gap=1",
+        "method.relative_patch.jitter=1",
+    ],
     "vae": [
         "method.name=vae",
         "method.vae.downsample=4",

@@ -32,6 +32,17 @@ PRETEXT = {
             "method.jigsaw.head_hidden_dim=16",
         ],
     ),
+    "relative_patch": (
+        "relative_patch_vit_tiny_digits.toml",
+        [
+            "method.name=relative_patch",
+            "method.relative_patch.tile_size=4",
+            "method.relative_patch.gap=1",
+            "method.relative_patch.jitter=1",
+            "method.relative_patch.chroma=drop",
+            "method.relative_patch.head_hidden_dim=16",
+        ],
+    ),
 }
 
 
