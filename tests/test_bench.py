@@ -42,6 +42,8 @@ TINY = [
     "method.relative_patch.tile_size=8",
     "method.relative_patch.gap=2",
     "method.relative_patch.jitter=1",
+    "method.inpainting.mask_size=16",
+    "method.inpainting.disc_channels=16",
 ]
 
 

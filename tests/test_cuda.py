@@ -56,6 +56,12 @@ METHODS = {
         "method.relative_patch.gap=1",
         "method.relative_patch.jitter=1",
     ],
+    "inpainting": [
+        "method.name=inpainting",
+        "method.inpainting.mask_size=8",
+        "method.inpainting.disc_channels=8",
+        "method.inpainting.disc_layers=2",
+    ],
     "vae": [
         "method.name=vae",
         "method.vae.downsample=4",

@@ -43,6 +43,16 @@ PRETEXT = {
             "method.relative_patch.head_hidden_dim=16",
         ],
     ),
+    "inpainting": (
+        "inpainting_vit_tiny_digits.toml",
+        [
+            "method.name=inpainting",
+            "method.inpainting.mask=random_blocks",
+            "method.inpainting.block_size=4",
+            "method.inpainting.disc_channels=8",
+            "method.inpainting.disc_layers=2",
+        ],
+    ),
 }
 
 
