@@ -1,7 +1,9 @@
-"""MAE, MoCo v3 and DINO on real handwritten digits: each pretrains a ViT-tiny/4 on the CPU, then its frozen
-encoder is scored by weighted kNN and a linear probe against a random-init encoder of the same shape.
+"""MAE, MoCo v3, DINO and the pretext tasks on real handwritten digits: each pretrains a ViT-tiny/4 on the CPU,
+then its frozen encoder is scored by weighted kNN and a linear probe against a random-init encoder of the same
+shape.
 
-    python benchmarks/ssl_digits.py                     # all three methods, about 15 minutes on 2 cores
+    python benchmarks/ssl_digits.py                     # MAE, MoCo v3 and DINO
+    python benchmarks/ssl_digits.py --methods jigsaw    # one pretext task (rotation, jigsaw, relative_patch, ...)
     python benchmarks/ssl_digits.py --methods dino --steps 50
 
 Each method runs its digits demo config (configs/*_digits.toml) unchanged apart from paths; the table and
@@ -35,6 +37,10 @@ CONFIGS = {
     "mae": ROOT / "configs" / "mae_vit_tiny_digits.toml",
     "moco": ROOT / "configs" / "moco_v3_vit_tiny_digits.toml",
     "dino": ROOT / "configs" / "dino_vit_tiny_digits.toml",
+    "rotation": ROOT / "configs" / "rotation_vit_tiny_digits.toml",
+    "jigsaw": ROOT / "configs" / "jigsaw_vit_tiny_digits.toml",
+    "relative_patch": ROOT / "configs" / "relative_patch_vit_tiny_digits.toml",
+    "inpainting": ROOT / "configs" / "inpainting_vit_tiny_digits.toml",
 }
 
 
@@ -80,7 +86,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="mae,moco,dino", help="comma-separated subset of mae, moco, dino")
+    parser.add_argument("--methods", default="mae,moco,dino", help=f"comma-separated subset of {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=0, help="override every method's train.steps (0: the config's)")
     parser.add_argument("--workdir", default="runs/ssl_digits", help="shards, runs and MLflow stores")
     parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON result")
@@ -94,7 +100,10 @@ def main() -> int:
     workdir = Path(args.workdir).resolve()
     image_size = load_config(CONFIGS["mae"]).data.image_size
     shards = ensure_digit_shards(workdir / "digits-shards", image_size)
-    command = " ".join([sys.executable, *sys.argv])
+    script = Path(sys.argv[0]).resolve()  # recorded relative to the repository root, without this machine's python
+    command = " ".join(
+        ["python", str(script.relative_to(ROOT) if script.is_relative_to(ROOT) else script), *sys.argv[1:]]
+    )
     date = datetime.now(UTC).isoformat(timespec="seconds")
     results = {name: {**run_method(name, workdir, shards, args.steps), "command": command} for name in methods}
 

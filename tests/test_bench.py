@@ -36,6 +36,14 @@ TINY = [
     "method.vae.base_channels=32",
     "method.vae.norm_groups=8",
     "method.vae.disc_channels=16",
+    "method.jigsaw.tile_size=8",
+    "method.jigsaw.gap=2",
+    "method.jigsaw.jitter=1",
+    "method.relative_patch.tile_size=8",
+    "method.relative_patch.gap=2",
+    "method.relative_patch.jitter=1",
+    "method.inpainting.mask_size=16",
+    "method.inpainting.disc_channels=16",
 ]
 
 

@@ -49,6 +49,19 @@ METHODS = {
         "data.crop_scale=[1.0, 1.0]",
     ],
     "rotation": ["method.name=rotation"],
+    "jigsaw": ["method.name=jigsaw", "method.jigsaw.tile_size=4", "method.jigsaw.gap=1", "method.jigsaw.jitter=1"],
+    "relative_patch": [
+        "method.name=relative_patch",
+        "method.relative_patch.tile_size=4",
+        "method.relative_patch.gap=1",
+        "method.relative_patch.jitter=1",
+    ],
+    "inpainting": [
+        "method.name=inpainting",
+        "method.inpainting.mask_size=8",
+        "method.inpainting.disc_channels=8",
+        "method.inpainting.disc_layers=2",
+    ],
     "vae": [
         "method.name=vae",
         "method.vae.downsample=4",
