@@ -37,6 +37,11 @@ FeaturePool = Literal["cls", "mean"]
 PosEmbed = Literal["sincos", "learned", "learned_cls"]
 PosInterpolation = Literal["size", "scale_offset"]
 ViTInit = Literal["xavier", "xavier_split_qkv", "trunc_normal"]
+# The backbone of the methods that pretrain an encoder (pretrain/methods/backbone.py builds it).
+BackboneArch = Literal["vit", "resnet18", "resnet50"]
+# ResNet stem: imagenet (7x7 stride-2 conv + max-pool) | small (3x3 stride-1 conv, no max-pool: the CIFAR
+# convention of the SimCLR paper's appendix B.9, for 32 px and digit-sized images).
+ResNetStem = Literal["imagenet", "small"]
 
 
 class ConfigError(ValueError):
@@ -126,8 +131,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The ViT backbone of the methods that use one (MAE, MoCo v3, DINO); DiT and the VAE have their own."""
+    """The encoder backbone of the methods that pretrain one (MAE, MoCo v3, DINO, SimCLR): a ViT (the fields
+    below `resnet_zero_init_residual`) or a ResNet; DiT and the VAE have their own."""
 
+    # vit | resnet18 | resnet50 (torchvision's layout, pretrain/models/resnet.py). Methods say which they take.
+    arch: BackboneArch = "vit"
+    # ResNet only: see ResNetStem.
+    resnet_stem: ResNetStem = "imagenet"
+    # ResNet only: start each residual block's last BN scale at 0 (Goyal et al. 2017); torchvision's default off.
+    resnet_zero_init_residual: bool = False
     # tiny | small | base | large | huge (pretrain/models/vit.py: VIT_SIZES).
     size: str = "base"
     patch_size: int = bounded(16, gt=0)
