@@ -3,9 +3,10 @@
 torch's `nn.SyncBatchNorm` only runs on accelerators (it rejects CPU tensors, so gloo runs cannot use
 it) and is not what DeepSpeed or FSDP2 convert by themselves. `GlobalBatchNorm` is a `_BatchNorm` with
 the same parameters and buffers (weight, bias, running_mean, running_var, num_batches_tracked), whose
-training-mode moments are summed over ranks with a differentiable all-reduce: per channel the sum, the
-sum of squares and the count, in fp32. On one process the all-reduce is a no-op, so a model behaves
-the same at any world size and on any engine. Eval mode uses the running statistics, as `nn.BatchNorm`.
+training-mode statistics span every rank: each rank's count, per-channel mean and sum of squared
+deviations (two passes, in at least fp32) are all-gathered with gradients and combined exactly, as
+`nn.SyncBatchNorm` does. On one process the gather is a no-op, so a model behaves the same at any world
+size and on any engine. Eval mode uses the running statistics, as `nn.BatchNorm`.
 The running variance is updated with the unbiased global variance, as torch does with its local one.
 """
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.distributed import all_reduce_sum_grad
+from pretrain.distributed import all_gather_cat_grad
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -32,19 +33,23 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
-        local_count = x.numel() // channels
-        moments = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), float(local_count))])
-        moments = all_reduce_sum_grad(moments)
-        count = moments[-1]
-        mean = moments[:channels] / count
-        var = (moments[channels : 2 * channels] / count - mean * mean).clamp_min(0)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        # Each rank's count, mean and sum of squared deviations (two passes, no cancellation), gathered and
+        # combined exactly (Chan et al.): the same statistics as one process over the global batch.
+        local_mean = xf.mean(dims)
+        local_m2 = (xf - local_mean.view(1, channels, *[1] * (x.dim() - 2))).square().sum(dims)
+        local_count = xf.new_full((1,), float(x.numel() // channels))
+        stats = all_gather_cat_grad(torch.cat([local_count, local_mean, local_m2])[None])
+        counts, means, m2s = stats[:, :1], stats[:, 1 : channels + 1], stats[:, channels + 1 :]
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / count
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count.detach())
         shape = [1, channels] + [1] * (x.dim() - 2)
         out = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            out = out * self.weight.float().view(shape) + self.bias.float().view(shape)
+            out = out * self.weight.to(xf.dtype).view(shape) + self.bias.to(xf.dtype).view(shape)
         return out.to(x.dtype)
 
     @torch.no_grad()
