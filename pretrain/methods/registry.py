@@ -7,7 +7,7 @@ dataclass becomes the section `method.<name>`.
 from __future__ import annotations
 
 from pretrain.config import Config, MethodConfig, check_choice, with_sections
-from pretrain.methods import dino, dit, mae, moco, rotation, vae
+from pretrain.methods import dino, dit, mae, moco, rotation, simclr, vae
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
 
@@ -20,6 +20,7 @@ METHODS: dict[str, MethodSpec] = {
         dit.SPEC,
         vae.SPEC,
         rotation.SPEC,
+        simclr.SPEC,
     )
 }
 

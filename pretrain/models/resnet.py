@@ -142,6 +142,12 @@ class ResNet(nn.Module):
                 for block in stage:
                     nn.init.zeros_(block.last_bn().weight)
 
+    def published_parameter_count(self, num_classes: int = 1000) -> int:
+        """Parameters as published (torchvision, the papers): with a `num_classes` head, whether or not this
+        encoder has one (ResNet-50: 25,557,032; ResNet-18: 11,689,512)."""
+        body = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("fc."))
+        return body + self.embed_dim * num_classes + num_classes
+
     def forward_features(self, x: Tensor, pool: str = "mean") -> Tensor:
         """The globally average-pooled output of the last stage [B, embed_dim]: a ResNet's only pooled feature."""
         if pool != "mean":
