@@ -35,6 +35,7 @@ CONFIGS = {
     "mae": ROOT / "configs" / "mae_vit_tiny_digits.toml",
     "moco": ROOT / "configs" / "moco_v3_vit_tiny_digits.toml",
     "dino": ROOT / "configs" / "dino_vit_tiny_digits.toml",
+    "simclr": ROOT / "configs" / "simclr_vit_tiny_digits.toml",
 }
 
 
@@ -80,7 +81,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="mae,moco,dino", help="comma-separated subset of mae, moco, dino")
+    parser.add_argument("--methods", default="mae,moco,dino", help="comma-separated subset of mae, moco, dino, simclr")
     parser.add_argument("--steps", type=int, default=0, help="override every method's train.steps (0: the config's)")
     parser.add_argument("--workdir", default="runs/ssl_digits", help="shards, runs and MLflow stores")
     parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON result")
