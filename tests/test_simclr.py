@@ -154,3 +154,35 @@ def test_two_ranks_match_one_process_with_batch_norm(tmp_path, case) -> None:
     assert any("running_var" in name for name in two["state"])
     bn = "backbone.layer3.1.bn2.running_mean"
     assert not torch.equal(one["state"][bn], torch.zeros_like(one["state"][bn]))
+
+
+@pytest.mark.parametrize("prefix", ["", "module.encoder_q."], ids=["torchvision", "moco_v2"])
+def test_a_torchvision_resnet_imports_as_the_encoder_and_exports(tmp_path, prefix) -> None:
+    """A torchvision-layout ResNet-18 file (with its fc, or MoCo v2's query encoder with an MLP head as fc)
+    becomes the encoder of a step-0 checkpoint; `ckpt export` writes it back under the same names."""
+    from safetensors.torch import load_file
+
+    from pretrain.ckpt.export import export_weights
+    from pretrain.ckpt.import_checkpoint import import_checkpoint
+    from pretrain.models.resnet import build_resnet
+
+    torch.manual_seed(5)
+    released = build_resnet(18, num_classes=10, stem="small")
+    for module in released.modules():  # running statistics that are not the initial ones
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    file = {f"{prefix}{k}": v for k, v in released.state_dict().items()}
+    torch.save({"state_dict": file} if prefix else file, tmp_path / "resnet.pth")
+    overrides = [*simclr_overrides(), f'run.output_dir="{tmp_path}"']
+    done = import_checkpoint("torchvision_resnet", tmp_path / "resnet.pth", None, tmp_path / "run", overrides)
+    dropped = prefix.removeprefix("module.")  # the file's common module. prefix is stripped first
+    assert done["dropped"] == [f"{dropped}fc.weight", f"{dropped}fc.bias"]
+    export_weights(done["checkpoint"], tmp_path / "encoder.safetensors")
+    exported = load_file(tmp_path / "encoder.safetensors")
+    expected = {k: v for k, v in released.state_dict().items() if not k.startswith("fc.")}
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], value.to(exported[key].dtype), msg=key)
+    with pytest.raises(ValueError, match="model.arch"):
+        import_checkpoint("torchvision_resnet", tmp_path / "resnet.pth", None, tmp_path / "vit", ["method.name=simclr"])
