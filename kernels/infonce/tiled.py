@@ -36,9 +36,11 @@ def info_nce_tiled(
     return _TiledInfoNCE.apply(q, k, positives, exclude, float(temperature), normalize, block_q, block_k)
 
 
-def _mask_excluded(tile: Tensor, exclude: Tensor | None, r: int, c: int, fill: float) -> Tensor:
-    """`fill` where the tile's column is the row's excluded key (rows from r, columns from c)."""
-    if exclude is None:
+def _mask_excluded(tile: Tensor, exclude: Tensor | None, r: int, c: int, fill: float, span=None) -> Tensor:
+    """`fill` where the tile's column is the row's excluded key (rows from r, columns from c). `span` is
+    (min, max) of the row block's excluded keys: tiles whose columns miss it (all but the diagonal ones for
+    SimCLR) are returned untouched, without building a mask."""
+    if exclude is None or (span is not None and (span[1] < c or span[0] >= c + tile.shape[1])):
         return tile
     cols = torch.arange(c, c + tile.shape[1], device=tile.device)
     return tile.masked_fill(exclude[r : r + tile.shape[0], None] == cols[None, :], fill)
@@ -56,6 +58,13 @@ def unit_rows_backward(grad_unit: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
     return (grad_unit - radial) / norm.clamp_min(NORM_EPS)
 
 
+def _exclude_span(exclude: Tensor | None, r: int, rows: int) -> tuple[int, int] | None:
+    if exclude is None:
+        return None
+    block = exclude[r : r + rows]
+    return int(block.min()), int(block.max())
+
+
 def _prepare(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     return unit_rows(x) if normalize else (x, None)
@@ -71,10 +80,11 @@ class _TiledInfoNCE(torch.autograd.Function):
         lse = torch.empty(qh.shape[0], dtype=qh.dtype, device=qh.device)
         for r in range(0, qh.shape[0], block_q):
             rows = qh[r : r + block_q]
+            span = _exclude_span(exclude, r, rows.shape[0])
             running_max = torch.full((rows.shape[0],), -torch.inf, dtype=qh.dtype, device=qh.device)
             running_sum = torch.zeros_like(running_max)
             for c in range(0, kh.shape[0], block_k):
-                tile = _mask_excluded(rows @ kh[c : c + block_k].T / temperature, exclude, r, c, -torch.inf)
+                tile = _mask_excluded(rows @ kh[c : c + block_k].T / temperature, exclude, r, c, -torch.inf, span)
                 new_max = torch.maximum(running_max, tile.amax(dim=1))
                 # A row whose keys so far are all excluded has max -inf: shift by 0 there, not by -inf.
                 shift = torch.where(torch.isinf(new_max), 0.0, new_max)
@@ -100,9 +110,11 @@ class _TiledInfoNCE(torch.autograd.Function):
         dkh = torch.zeros_like(kh) if need_dk else None
         for r in range(0, qh.shape[0], block_q):
             rows, rows_lse = qh[r : r + block_q], lse[r : r + block_q, None]
+            span = _exclude_span(exclude, r, rows.shape[0])
             for c in range(0, kh.shape[0], block_k):
                 cols = kh[c : c + block_k]
-                probs = _mask_excluded(torch.exp(rows @ cols.T / temperature - rows_lse), exclude, r, c, 0.0)
+                probs = torch.exp(rows @ cols.T / temperature - rows_lse)
+                probs = _mask_excluded(probs, exclude, r, c, 0.0, span)
                 if need_dq:
                     dqh[r : r + block_q] += probs @ cols
                 if need_dk:
