@@ -56,4 +56,4 @@ def measure_call(step, device: str, repeats: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"peak_bytes": peak, "seconds": statistics.median(times), "all_seconds": times}
+    return {"peak_bytes": peak, "seconds": statistics.median(times) if times else None, "all_seconds": times}

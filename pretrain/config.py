@@ -37,6 +37,11 @@ FeaturePool = Literal["cls", "mean"]
 PosEmbed = Literal["sincos", "learned", "learned_cls"]
 PosInterpolation = Literal["size", "scale_offset"]
 ViTInit = Literal["xavier", "xavier_split_qkv", "trunc_normal"]
+# The backbone of the methods that pretrain an encoder (pretrain/methods/backbone.py builds it).
+BackboneArch = Literal["vit", "resnet18", "resnet50"]
+# ResNet stem: imagenet (7x7 stride-2 conv + max-pool) | small (3x3 stride-1 conv, no max-pool: the CIFAR
+# convention of the SimCLR paper's appendix B.9, for 32 px and digit-sized images).
+ResNetStem = Literal["imagenet", "small"]
 
 
 class UserError(Exception):
@@ -132,8 +137,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The ViT backbone of the methods that use one (MAE, MoCo v3, DINO); DiT and the VAE have their own."""
+    """The encoder backbone of the methods that pretrain one (MAE, MoCo v3, DINO, SimCLR): a ViT (the fields
+    below `resnet_zero_init_residual`) or a ResNet; DiT and the VAE have their own."""
 
+    # vit | resnet18 | resnet50 (torchvision's layout, pretrain/models/resnet.py). Methods say which they take.
+    arch: BackboneArch = "vit"
+    # ResNet only: see ResNetStem.
+    resnet_stem: ResNetStem = "imagenet"
+    # ResNet only: start each residual block's last BN scale at 0 (Goyal et al. 2017); torchvision's default off.
+    resnet_zero_init_residual: bool = False
     # tiny | small | base | large | huge (pretrain/models/vit.py: VIT_SIZES).
     size: str = "base"
     patch_size: int = bounded(16, gt=0)
@@ -164,6 +176,9 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw | sgd (momentum, optionally Nesterov) | lars (SGD with layer-wise trust ratios, You et al. 2017,
+    # as SimCLR and BYOL use it). pretrain/optim.py builds them.
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
     base_lr: float = bounded(1.5e-4, gt=0)
     # linear: lr = base_lr * global_batch / 256; none: lr = base_lr.
     lr_scaling: Literal["linear", "none"] = "linear"
@@ -173,6 +188,11 @@ class OptimConfig:
     weight_decay_end: float = -1.0
     betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
     eps: float = bounded(1e-8, gt=0)
+    # sgd and lars: heavy-ball momentum, and Nesterov's variant of it.
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    # lars: the trust coefficient eta of the layer-wise rate eta * |w| / |g + wd w| (SimCLR, BYOL: 1e-3).
+    lars_eta: float = bounded(1e-3, gt=0)
     warmup_steps: int = bounded(0, ge=0)
     # 0 disables clipping (the norm is still measured and logged).
     grad_clip: float = bounded(0.0, ge=0)
@@ -433,6 +453,25 @@ def _ordered(key: str, pair: tuple[float, float]) -> None:
         raise ConfigError(f"{key}: need min <= max, got {pair}")
 
 
+# optim.* fields each optimizer reads beyond the shared ones; the others must stay at their defaults.
+OPTIMIZER_FIELDS = {
+    "adamw": ("betas", "eps"),
+    "sgd": ("momentum", "nesterov"),
+    "lars": ("momentum", "nesterov", "lars_eta"),
+}
+
+
+def _optimizer_fields_read(optim: OptimConfig) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
+    unread = {name for fields in OPTIMIZER_FIELDS.values() for name in fields} - set(OPTIMIZER_FIELDS[optim.name])
+    for name in sorted(unread):
+        if getattr(optim, name) != defaults[name]:
+            raise ConfigError(
+                f"optim.{name}: {getattr(optim, name)!r} is not read by optim.name={optim.name!r}; "
+                f"leave it at its default {defaults[name]!r}"
+            )
+
+
 def validate_core(cfg: Config) -> None:
     """Relations between fields of the core sections; each message names the key to change."""
     if not cfg.run.name or "/" in cfg.run.name:
@@ -444,6 +483,7 @@ def validate_core(cfg: Config) -> None:
         raise ConfigError(f"data.color_jitter: hue must be <= 0.5, got {data.color_jitter}")
     if optim.warmup_steps > cfg.train.steps:
         raise ConfigError(f"optim.warmup_steps: {optim.warmup_steps} exceeds train.steps {cfg.train.steps}")
+    _optimizer_fields_read(optim)
     if optim.min_lr > optim.base_lr:
         raise ConfigError(f"optim.min_lr: {optim.min_lr} exceeds optim.base_lr {optim.base_lr}")
     if launch.time and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", launch.time):

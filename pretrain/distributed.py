@@ -63,6 +63,16 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_cat_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, backpropagating to every rank's input:
+    the gradient of a rank's slice is the sum of all ranks' gradients for it (SimCLR's negatives)."""
+    if not dist.is_initialized():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()))
+
+
 def all_reduce_sum_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks that backpropagates to every rank's input (cross-rank batch statistics)."""
     if not dist.is_initialized():

@@ -1,4 +1,5 @@
-"""AdamW with the usual ViT parameter groups, and the warmup + cosine learning-rate schedule."""
+"""The optimizers (AdamW, SGD with momentum, LARS) over the usual parameter groups, and the warmup + cosine
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -29,15 +30,78 @@ def param_groups(model: nn.Module, weight_decay: float, skip: set[str]) -> list[
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, skip: set[str]) -> torch.optim.Optimizer:
+    """optim.name over `param_groups`: the first group is decayed (and, for LARS, trust-ratio adapted), the
+    second (biases, normalization weights, `skip`) is neither."""
+    groups = param_groups(model, cfg.weight_decay, skip)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+    if cfg.name == "lars":
+        groups[0]["lars_adapt"], groups[1]["lars_adapt"] = True, False
+        return LARS(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, eta=cfg.lars_eta)
     # The fused kernel only exists for accelerator tensors; foreach is the fast path on CPU.
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, skip),
-        lr=lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        fused=True if on_cuda else None,
-    )
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True if on_cuda else None)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You, Gitman, Ginsburg 2017), as SimCLR and BYOL use it.
+
+    For each parameter w of a group with `lars_adapt` (weights of convolutions and linears; biases and
+    normalization weights are left out of the adaptation and of weight decay, as in those recipes):
+
+        d = g + wd * w
+        d = d * eta * |w| / |d|        (only where both norms are > 0; else d is unchanged)
+        v = momentum * v + d
+        w = w - lr * v                 (Nesterov: w = w - lr * (d + momentum * v))
+
+    Parameters of groups without `lars_adapt` take the same momentum step on d = g + wd * w (their wd is 0
+    in `build_optimizer`). The learning rate multiplies the momentum buffer from outside, as in torch's SGD,
+    so the state is one `momentum_buffer` per parameter and resumes and reshards like SGD's. Norms are of
+    the whole parameter: under FSDP2 the parameters are DTensors and their norms are reduced over shards.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        eta: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0 or not 0 <= momentum < 1 or eta <= 0:
+            raise ValueError(f"LARS: need lr >= 0, 0 <= momentum < 1, eta > 0; got {lr}, {momentum}, {eta}")
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "eta": eta, "weight_decay": weight_decay,
+                    "lars_adapt": True}  # fmt: skip
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = (
+                    param.grad.add(param, alpha=group["weight_decay"]) if group["weight_decay"] else param.grad.clone()
+                )
+                if group["lars_adapt"]:
+                    weight_norm, update_norm = param.norm(), update.norm()
+                    trust = group["eta"] * weight_norm / update_norm
+                    ok = (weight_norm > 0) & (update_norm > 0)
+                    update.mul_(torch.where(ok, trust, torch.ones_like(trust)))
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = update.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                buffer = state["momentum_buffer"]
+                step = update.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
+                param.add_(step, alpha=-group["lr"])
+        return loss
 
 
 def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -73,6 +137,10 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> N
             group["betas"] = tuple(cfg.betas)
         if "eps" in group:
             group["eps"] = cfg.eps
+        if "momentum" in group:  # SGD and LARS
+            group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov
+        if "eta" in group:
+            group["eta"] = cfg.lars_eta
         group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0  # the decayed group (see `param_groups`)
 
 

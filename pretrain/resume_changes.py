@@ -5,7 +5,8 @@ decay and its schedule, clipping, accumulation, batch size, cadences) is read fr
 resumes with, at the resumed step. The learning-rate schedule is rebuilt from the new settings and
 evaluated at that step; nothing of the old schedule is kept. The optimizer's moments are kept.
 
-Refused: the network (`model.*`, `method.*`, which the saved weights were trained as), and the data
+Refused: the network (`model.*`, `method.*`, which the saved weights were trained as), the optimizer's
+kind (`optim.name`: the checkpoint holds that optimizer's state), and the data
 settings that decide which sample comes next (`run.seed`, `data.shuffle_buffer`, `data.resampled`): with
 those changed the saved stream positions point at other samples. To change them, start a new run from
 the weights with `train.init_from`.
@@ -30,6 +31,7 @@ UNTRACKED_PREFIXES = (
 
 REFUSED_PREFIXES = ("model.", "method.")
 REFUSED_KEYS = {
+    "optim.name": "the checkpoint holds the state of the other optimizer",
     "run.seed": "the data order and every step's random draws are seeded by it",
     "data.shuffle_buffer": "the saved stream positions count samples through this buffer",
     "data.resampled": "the saved stream positions count samples of the other sampling mode",

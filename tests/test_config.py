@@ -49,7 +49,7 @@ def test_parse_override_bare_word_is_string():
         ("data.crop_scale=[0.2]", "data.crop_scale: expected a list of 2 values"),
         ("data.image_size=30", "data.image_size: 30 is not a multiple of model.patch_size 16"),
         ("method.mae.mask_ratio=1.0", "method.mae.mask_ratio"),
-        ("method.name=simclr", "method.name: 'simclr' is not one of"),
+        ("method.name=byol", "method.name: 'byol' is not one of"),
         ("model.size=gigantic", "model.size: 'gigantic' is not one of"),
         ("model.attn_backend=flash9", "model.attn_backend"),
         ("engine.kind=mpi", "engine.kind"),

@@ -55,15 +55,16 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "engine",
-    [["engine.kind=ddp"], ["engine.kind=fsdp"]],
-    ids=["ddp", "fsdp"],
+    ("engine", "optim"),
+    [(["engine.kind=ddp"], []), (["engine.kind=fsdp"], []), (["engine.kind=fsdp"], ["optim.name=lars"])],
+    ids=["ddp", "fsdp", "fsdp-lars"],
 )
-def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, shards, engine):
-    """2 ranks x batch 8 == 1 process x 2 micro-batches of 8: same samples, masks and updates."""
-    base = tiny_overrides(tmp_path / "one", shards, "data.num_workers=2", "optim.accum_steps=2")
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, shards, engine, optim):
+    """2 ranks x batch 8 == 1 process x 2 micro-batches of 8: same samples, masks and updates (LARS: its
+    layer norms over FSDP's sharded parameters are those of the whole layer)."""
+    base = tiny_overrides(tmp_path / "one", shards, "data.num_workers=2", "optim.accum_steps=2", *optim)
     one = Trainer(load_config(REPO / "configs/mae_vit_tiny_digits.toml", base)).fit()
-    torchrun(2, train_args(tiny_overrides(tmp_path / "two", shards, *engine)))
+    torchrun(2, train_args(tiny_overrides(tmp_path / "two", shards, *engine, *optim)))
     two = losses(tmp_path / "two" / "tiny")
     assert len(two) == 6
     assert two == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
@@ -88,13 +89,18 @@ def full_state_from_checkpoint(checkpoint: Path, overrides: list[str], world_siz
     return {"model": model_state, "optim": optim_state}
 
 
-def test_fsdp_checkpoint_resumes_at_one_and_three_ranks(tmp_path, shards):
-    overrides = tiny_overrides(tmp_path, shards, "engine.kind=fsdp")
+@pytest.mark.parametrize("optim", [[], ["optim.name=lars"]], ids=["adamw", "lars"])
+def test_fsdp_checkpoint_resumes_at_one_and_three_ranks(tmp_path, shards, optim):
+    overrides = tiny_overrides(tmp_path, shards, "engine.kind=fsdp", *optim)
     torchrun(2, train_args(overrides, "--until", "3"))
     checkpoint = tmp_path / "tiny" / "checkpoints" / "step_00000003"
     assert json.loads((checkpoint / "meta.json").read_text())["world_size"] == 2
     for nproc in (1, 3):
-        reference = full_state_from_checkpoint(checkpoint, tiny_overrides(tmp_path / f"ref{nproc}", shards), nproc)
+        reference = full_state_from_checkpoint(
+            checkpoint, tiny_overrides(tmp_path / f"ref{nproc}", shards, *optim), nproc
+        )
+        first_state = next(iter(reference["optim"]["state"].values()))
+        assert ("momentum_buffer" in first_state) == bool(optim) and ("exp_avg" in first_state) != bool(optim)
         dump = tmp_path / f"state_{nproc}.pt"
         resumed = [*overrides, f'run.name="resume{nproc}"', f'train.resume="{checkpoint}"']
         state = resume_dump_and_train(nproc, resumed, dump)

@@ -137,7 +137,9 @@ def test_only_q_needs_grad_as_in_moco() -> None:
 
 def test_auto_uses_tiled_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(infonce_module, "info_nce_tiled", lambda *a: calls.append(a) or info_nce_reference(*a))
+    monkeypatch.setattr(
+        infonce_module, "info_nce_tiled", lambda *a, **kw: calls.append(a) or info_nce_reference(*a, **kw)
+    )
     q, k = _inputs(4, 4, 8)
     info_nce(q, k, 0.1)
     assert len(calls) == 1
@@ -226,3 +228,77 @@ def test_cross_entropy_semantics_without_normalization() -> None:
 def test_triton_rejects_float64() -> None:
     with pytest.raises(ValueError, match=r"impl='triton' computes in float32 .* got torch.float64; use impl='tiled'"):
         info_nce(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), 0.1, impl="triton")
+
+
+# ------------------------------------------------------------------------------------- NT-Xent (SimCLR)
+
+
+def _nt_xent_inputs(rows: int, d: int, dtype=torch.float32, rank: int = 0, world: int = 1):
+    """This rank's rows as queries against every rank's rows as keys (a stand-in for the gathered views)."""
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(rows * world, d, generator=generator).to(dtype).requires_grad_()
+    queries = keys.detach()[rank * rows : (rank + 1) * rows].clone().requires_grad_()
+    positives, exclude = infonce_module.nt_xent_indices(rows, rank, queries.device)
+    return queries, keys, positives, exclude
+
+
+def test_nt_xent_indices_pair_the_views_and_exclude_self() -> None:
+    positives, exclude = infonce_module.nt_xent_indices(6, rank=1, device=torch.device("cpu"))
+    assert exclude.tolist() == [6, 7, 8, 9, 10, 11]
+    assert positives.tolist() == [9, 10, 11, 6, 7, 8]
+    with pytest.raises(ValueError, match="even number of rows"):
+        infonce_module.nt_xent_indices(5, 0, torch.device("cpu"))
+
+
+def test_excluded_keys_leave_the_softmax() -> None:
+    """Written out: the excluded key is absent from the log-sum-exp, so moving it changes nothing."""
+    q, k, positives, exclude = _nt_xent_inputs(6, 4, torch.float64, rank=1, world=2)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = qn @ kn.T / 0.4
+    expected = torch.stack(
+        [
+            torch.cat([logits[i, :e], logits[i, e + 1 :]]).logsumexp(0) - logits[i, p]
+            for i, (p, e) in enumerate(zip(positives.tolist(), exclude.tolist()))
+        ]  # fmt: skip
+    ).mean()
+    loss = info_nce_reference(q, k, 0.4, positives, exclude=exclude)
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-12)
+    moved = k.detach().clone()
+    moved[exclude[0]] = 100.0
+    first = q.detach()[:1], positives[:1]
+    assert float(info_nce_reference(first[0], moved, 0.4, first[1], exclude=exclude[:1])) == pytest.approx(
+        float(info_nce_reference(first[0], k.detach(), 0.4, first[1], exclude=exclude[:1])), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize(("block_q", "block_k"), [(1024, 1024), (5, 3), (4, 1)])
+@pytest.mark.parametrize("world", [1, 2])
+def test_tiled_nt_xent_matches_reference(block_q: int, block_k: int, world: int) -> None:
+    """block_k = 1 makes tiles whose only key is excluded: the online log-sum-exp must not turn NaN."""
+    q, k, positives, exclude = _nt_xent_inputs(10, 8, rank=world - 1, world=world)
+    expected = _loss_and_grads(info_nce_reference, q, k, 0.1, positives, exclude=exclude)
+    actual = _loss_and_grads(info_nce_tiled, q, k, 0.1, positives, block_q=block_q, block_k=block_k, exclude=exclude)
+    _assert_same(actual, expected, **FP32)
+
+
+def test_tiled_nt_xent_gradcheck_float64() -> None:
+    q, k, positives, exclude = _nt_xent_inputs(6, 5, torch.float64, rank=1, world=2)
+    fn = lambda q, k: info_nce_tiled(q, k, 0.3, positives, block_q=4, block_k=3, exclude=exclude)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k))
+
+
+@pytest.mark.parametrize(("rows", "d", "world"), [(10, 8, 1), (66, 24, 2), (34, 16, 3)])
+def test_triton_nt_xent_matches_reference(rows: int, d: int, world: int) -> None:
+    q, k, positives, exclude = _nt_xent_inputs(rows, d, rank=world - 1, world=world)
+    expected = _loss_and_grads(info_nce_reference, q, k, 0.1, positives, exclude=exclude)
+    actual = _loss_and_grads(info_nce, q, k, 0.1, positives, impl="triton", exclude=exclude)
+    _assert_same(actual, expected, **FP32)
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled", "triton"])
+def test_an_excluded_positive_is_rejected(impl: str) -> None:
+    q, k = _inputs(4, 4, 8)
+    with pytest.raises(ValueError, match="excluded key is its positive"):
+        info_nce(q, k, 0.1, torch.tensor([1, 2, 3, 0]), impl=impl, exclude=torch.tensor([0, 2, 0, 0]))
+    with pytest.raises(ValueError, match="exclude must index keys"):
+        info_nce(q, k, 0.1, impl=impl, exclude=torch.tensor([1, 2, 3, 9]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig
-from pretrain.optim import build_scheduler, param_groups, scaled_lr, warmup_cosine
+from pretrain.optim import LARS, build_optimizer, build_scheduler, param_groups, scaled_lr, warmup_cosine
 
 
 def test_warmup_then_cosine():
@@ -52,3 +52,99 @@ def test_no_decay_for_biases_norms_and_named_tokens():
     decay, no_decay = param_groups(model, 0.05, skip={"token"})
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+# ---------------------------------------------------------------------- SGD and LARS
+
+
+def _lars_reference(params, grads_per_step, lr, momentum, nesterov, eta, weight_decay, adapt):
+    """LARS written out per parameter from its formula, in float64 python over lists of tensors."""
+    params = [p.detach().double().clone() for p in params]
+    buffers = [None] * len(params)
+    for grads in grads_per_step:
+        for i, (w, g) in enumerate(zip(params, grads)):
+            wd = weight_decay if adapt[i] else 0.0
+            d = g.double() + wd * w
+            if adapt[i]:
+                w_norm, d_norm = float(w.norm()), float(d.norm())
+                if w_norm > 0 and d_norm > 0:
+                    d = d * (eta * w_norm / d_norm)
+            buffers[i] = d.clone() if buffers[i] is None else momentum * buffers[i] + d
+            step = d + momentum * buffers[i] if nesterov else buffers[i]
+            params[i] = w - lr * step
+    return params
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_follows_its_formula_and_leaves_biases_and_norms_out(nesterov):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight.zero_()  # a zero weight: its trust ratio falls back to 1
+    cfg = OptimConfig(name="lars", weight_decay=0.1, momentum=0.9, nesterov=nesterov, lars_eta=0.02)
+    opt = build_optimizer(model, cfg, lr=0.5, skip=set())
+    assert isinstance(opt, LARS)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    adapt = [group["lars_adapt"] for group in opt.param_groups for _ in group["params"]]
+    # weights of the two linears are adapted and decayed; their biases and the BN's weight and bias are not
+    assert [tuple(p.shape) for p, a in zip(params, adapt) if a] == [(4, 5), (3, 4)]
+    start = [p.detach().clone() for p in params]
+    grads_per_step = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    expected = _lars_reference(start, grads_per_step, 0.5, 0.9, nesterov, 0.02, 0.1, adapt)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-7)
+    # the zero weight of the second linear moved (its trust ratio fell back to 1)
+    assert params[1].abs().sum() > 0
+
+
+def test_sgd_is_torchs_sgd_with_momentum_and_nesterov():
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, OptimConfig(name="sgd", momentum=0.8, nesterov=True, weight_decay=0.01), 0.1, set())
+    assert type(opt) is torch.optim.SGD
+    assert [(g["momentum"], g["nesterov"], g["weight_decay"]) for g in opt.param_groups] == [
+        (0.8, True, 0.01),
+        (0.8, True, 0.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["optim.momentum=0.5"], "optim.momentum: 0.5 is not read by optim.name='adamw'"),
+        (["optim.name=sgd", "optim.eps=1e-6"], "optim.eps: 1e-06 is not read by optim.name='sgd'"),
+        (["optim.name=sgd", "optim.lars_eta=0.01"], "optim.lars_eta"),
+        (["optim.name=lars", "engine.kind=deepspeed"], "optim.name: engine.kind=deepspeed runs AdamW only"),
+        (["optim.name=adam"], "optim.name"),
+    ],
+)
+def test_optimizer_settings_another_optimizer_would_read_fail_naming_the_key(overrides, key):
+    from pretrain.config import ConfigError
+    from pretrain.engines import ENGINES
+    from pretrain.recipes import load_config
+
+    with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(")", r"\)")):
+        cfg = load_config(None, overrides)
+        ENGINES[cfg.engine.kind].validate_config(cfg)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_sgd_and_lars_runs_resume_bit_identically(tmp_path, digit_shards, optimizer):
+    from pretrain.recipes import load_config
+    from pretrain.train import Trainer
+
+    from tiny import tiny_overrides
+
+    sets = [f"optim.name={optimizer}", "optim.base_lr=0.05", "optim.weight_decay=1e-4", "tracking.enabled=false"]
+    straight = Trainer(load_config(None, tiny_overrides(tmp_path / "straight", digit_shards, *sets))).fit()
+    cfg = load_config(None, tiny_overrides(tmp_path / "split", digit_shards, *sets))
+    first = Trainer(cfg).fit(until=3)
+    resumed = Trainer(cfg)
+    assert resumed.step == 3
+    assert "momentum_buffer" in next(iter(resumed.optimizer.state.values()))
+    second = resumed.fit()
+    assert first.losses + second.losses == straight.losses
+    assert len(set(straight.losses)) == 6

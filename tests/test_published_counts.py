@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
         ("dino_vit_b16.toml", ["method.dino.steps_per_epoch=1251"], 86_567_656),  # learned table: a parameter
         ("moco_v3_vit_b16.toml", [], 86_567_656),  # frozen patch projection included
         ("dit_xl2.toml", ["method.dit.latent_scale=0.18215"], 675_129_632),  # DiT-XL/2, the released checkpoint
+        ("simclr_resnet50.toml", [], 25_557_032),  # ResNet-50 with the 1000-class head (torchvision)
+        ("simclr_resnet50.toml", ["model.arch=resnet18"], 11_689_512),  # ResNet-18 (torchvision)
     ],
 )
 def test_published_counts(config, overrides, published):

@@ -1,5 +1,6 @@
-"""`pretrain ckpt import`: a checkpoint file of the released MAE, DINO, MoCo v3 or DiT code as one of our DCP
-checkpoints (step 0), which `eval knn|linear`, `ckpt export` and `sample` read and `train` starts from
+"""`pretrain ckpt import`: a checkpoint file of the released MAE, DINO, MoCo v3 or DiT code, or a ResNet in
+torchvision's layout (torchvision's own files, and the encoders of SimCLR and MoCo v1/v2 converted to it), as
+one of our DCP checkpoints (step 0), which `eval knn|linear`, `ckpt export` and `sample` read and `train` starts from
 (`train.init_from`).
 
 The file is read with tensors only (`pretrain/ckpt/released.py`). Each layout is mapped to the state dict
@@ -28,7 +29,7 @@ from pretrain.recipes import load_config
 from pretrain.rng import seed_everything
 
 # --from value -> the method.name its file belongs to
-SOURCES = {"mae": "mae", "dino": "dino", "moco_v3": "moco", "dit": "dit"}
+SOURCES = {"mae": "mae", "dino": "dino", "moco_v3": "moco", "dit": "dit", "torchvision_resnet": "simclr"}
 
 
 @dataclass
@@ -227,11 +228,41 @@ def map_dit(raw: Any, cfg: Config) -> Mapped:
     return out
 
 
+# Where a ResNet sits in the files that hold one in torchvision's layout: at the top (torchvision, converted
+# SimCLR files), MoCo v1/v2's query encoder, or a generic `encoder.` / `backbone.`.
+RESNET_PREFIXES = ("", "encoder_q.", "encoder.", "backbone.")
+
+
+def map_torchvision_resnet(raw: Any, cfg: Config) -> Mapped:
+    """A torchvision-layout ResNet (conv1, bn1, layer1.0.conv1, ..., fc) into the encoder `backbone.` of a
+    method with model.arch = resnet18 / resnet50; `fc` (a classifier, or MoCo v2's MLP head) is dropped and
+    the method's projection head keeps its initialization."""
+    if cfg.model.arch == "vit":
+        raise ValueError("--from torchvision_resnet needs a config with model.arch = 'resnet18' or 'resnet50'")
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict):
+        raise ValueError(f"not a ResNet state dict: found {_keys(state)}")
+    state = _strip("module.", state) if state and all(k.startswith("module.") for k in state) else state
+    prefix = next((p for p in RESNET_PREFIXES if f"{p}conv1.weight" in state), None)
+    if prefix is None:
+        raise ValueError(f"not a torchvision-layout ResNet: no conv1.weight under {RESNET_PREFIXES} ({_keys(state)})")
+    out = Mapped()
+    for key, value in _strip(prefix, state).items():
+        if key.startswith("fc."):
+            out.dropped.append(prefix + key)
+        else:
+            out.tensors[f"backbone.{key}"] = value
+    out.absent.append("projector.")
+    out.notes.append("the file holds the encoder only: the projection head keeps its initialization")
+    return out
+
+
 MAPPERS: dict[str, Callable[[Any, Config], Mapped]] = {
     "mae": map_mae,
     "dino": map_dino,
     "moco_v3": map_moco_v3,
     "dit": map_dit,
+    "torchvision_resnet": map_torchvision_resnet,
 }
 
 

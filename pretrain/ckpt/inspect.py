@@ -29,7 +29,8 @@ def _config_summary(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     global_batch = batch * accum * world_size
     name = method.get("name", "?")
     size = model.get("size", "?")
-    dims = VIT_SIZES.get(size)
+    arch = model.get("arch", "vit")  # configs saved before model.arch existed are ViTs
+    dims = VIT_SIZES.get(size) if arch == "vit" else None
     peak = None
     if "base_lr" in optim:
         peak = scaled_lr(
@@ -38,6 +39,8 @@ def _config_summary(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     return {
         "method": name,
         "method_config": method.get(name, {}),
+        "arch": arch,
+        "resnet_stem": model.get("resnet_stem"),
         "model_size": size,
         "patch_size": model.get("patch_size"),
         "image_size": data.get("image_size"),
@@ -212,7 +215,10 @@ def format_report(info: dict[str, Any]) -> str:
         ("samples seen", f"{info['samples_seen']:,}" if isinstance(info["samples_seen"], int) else "?"),
         ("mlflow run", info["mlflow_run_id"] or "-"),
     ]
-    model = f"ViT-{c['model_size']}/{c['patch_size']}"
+    if c["arch"] != "vit":
+        model = f"ResNet-{c['arch'].removeprefix('resnet')} ({c['resnet_stem']} stem)"
+    else:
+        model = f"ViT-{c['model_size']}/{c['patch_size']}"
     if c["embed_dim"]:
         model += f" ({c['embed_dim']} dim, {c['depth']} blocks, {c['num_heads']} heads)"
     lines.append(("model", f"{model}, image {c['image_size']}px, {c['in_chans']} channels"))

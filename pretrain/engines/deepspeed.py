@@ -138,6 +138,13 @@ class DeepSpeedEngine(Engine):
     def validate_config(cls, cfg: Config) -> None:
         if cfg.train.async_checkpoint:
             raise ConfigError("train.async_checkpoint: DeepSpeed writes its own checkpoints synchronously; use false")
+        if cfg.optim.name != "adamw":
+            # ZeRO steps the optimizer over flat partitions that cut through layers (no whole-layer norms for
+            # LARS), and its checkpoint repair and conversion (deepspeed_checkpoint.py) carry Adam's moments.
+            raise ConfigError(
+                f"optim.name: engine.kind=deepspeed runs AdamW only (its flat partitions and checkpoints hold "
+                f"Adam's state), got {cfg.optim.name!r}; use engine.kind=fsdp or ddp"
+            )
 
     def __init__(self, cfg: Config, world: WorldInfo):
         super().__init__(cfg, world)

@@ -1,4 +1,5 @@
-"""What engines apply to a method's transformer blocks from outside: activation checkpointing, compile."""
+"""What engines apply to a method from outside: global BatchNorm, and on its blocks activation checkpointing
+and compile."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from pretrain.engines.batch_norm import convert_to_global_batch_norm
 from pretrain.methods.base import Method
 
 
@@ -26,6 +28,8 @@ def apply_compile(method: Method) -> None:
 
 
 def prepare_blocks(method: Method, activation_checkpointing: bool, compile_blocks: bool) -> nn.Module:
+    # BatchNorm statistics over the global batch on every engine (a no-op for methods without BatchNorm).
+    convert_to_global_batch_norm(method)
     if activation_checkpointing:
         apply_activation_checkpointing(method)
     if compile_blocks:

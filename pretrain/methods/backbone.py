@@ -1,9 +1,17 @@
-"""The ViT backbone of the `model.*` section, shared by the methods that pretrain a ViT encoder."""
+"""The encoder backbone of the `model.*` section, shared by the methods that pretrain an encoder: a ViT
+(`model.arch = "vit"`) or a ResNet (`resnet18`, `resnet50`).
+
+ViT-only methods (MAE, MoCo v3, DINO) use the `*_vit_*` functions and reject other archs through
+`validate_vit_backbone`; methods that take either (SimCLR) use `build_backbone`, `validate_backbone`,
+`backbone_width` and `backbone_flops`. Each arch reads its own `model.*` fields and ignores the other's
+(as recipes ignore the size knobs of other methods), so one override list can shrink every recipe.
+"""
 
 from __future__ import annotations
 
 from pretrain.config import Config, ConfigError, check_choice
-from pretrain.flops import FlopCount, vit_flops
+from pretrain.flops import FlopCount, resnet_flops, vit_flops
+from pretrain.models.resnet import RESNET_DEPTHS, STAGE_WIDTHS, ResNet, build_resnet
 from pretrain.models.vit import VIT_SIZES, VisionTransformer, build_vit
 
 
@@ -23,7 +31,24 @@ def build_vit_backbone(cfg: Config) -> VisionTransformer:
     )
 
 
+def resnet_depth(cfg: Config) -> int:
+    return int(cfg.model.arch.removeprefix("resnet"))
+
+
+def build_resnet_backbone(cfg: Config) -> ResNet:
+    model = cfg.model
+    return build_resnet(
+        resnet_depth(cfg), 0, model.in_chans, stem=model.resnet_stem, zero_init_residual=model.resnet_zero_init_residual
+    )
+
+
+def build_backbone(cfg: Config) -> VisionTransformer | ResNet:
+    return build_vit_backbone(cfg) if cfg.model.arch == "vit" else build_resnet_backbone(cfg)
+
+
 def validate_vit_backbone(cfg: Config) -> None:
+    if cfg.model.arch != "vit":
+        raise ConfigError(f"model.arch: method.name={cfg.method.name!r} trains a ViT only, got {cfg.model.arch!r}")
     check_choice("model.size", cfg.model.size, VIT_SIZES)
     if cfg.data.image_size % cfg.model.patch_size:
         raise ConfigError(
@@ -38,8 +63,37 @@ def validate_vit_backbone(cfg: Config) -> None:
         raise ConfigError(f"model.pos_embed: a 2-D sin-cos table needs a width divisible by 4, got {width}")
 
 
+def validate_backbone(cfg: Config) -> None:
+    """Either arch. A ResNet's pooled feature is its global average, and BatchNorm layers would update
+    their running statistics twice under activation checkpointing's recompute, so both are rejected."""
+    if cfg.model.arch == "vit":
+        validate_vit_backbone(cfg)
+        return
+    if cfg.eval.pool != "mean":
+        raise ConfigError(f"eval.pool: a ResNet's pooled feature is the global average ('mean'), got {cfg.eval.pool!r}")
+    if cfg.engine.activation_checkpointing:
+        raise ConfigError(
+            "engine.activation_checkpointing: the recompute would run the ResNet's BatchNorm layers a second "
+            f"time and update their running statistics twice (model.arch={cfg.model.arch!r}); set false"
+        )
+    smallest = 32 if cfg.model.resnet_stem == "imagenet" else 8  # the stages' total stride
+    if cfg.data.image_size < smallest:
+        raise ConfigError(
+            f"data.image_size: model.resnet_stem={cfg.model.resnet_stem!r} downsamples by {smallest}, "
+            f"so a ResNet needs at least {smallest} px; got {cfg.data.image_size}"
+        )
+
+
 def vit_width(cfg: Config) -> int:
     return VIT_SIZES[cfg.model.size][0]
+
+
+def backbone_width(cfg: Config) -> int:
+    """The pooled feature's size."""
+    if cfg.model.arch == "vit":
+        return vit_width(cfg)
+    kind, _ = RESNET_DEPTHS[resnet_depth(cfg)]
+    return STAGE_WIDTHS[-1] * (1 if kind == "basic" else 4)
 
 
 def vit_backbone_flops(
@@ -50,3 +104,10 @@ def vit_backbone_flops(
     model = cfg.model
     embed, body = vit_flops(image_size, model.patch_size, model.in_chans, dim, depth, kept_patches=kept_patches)
     return FlopCount(body, embed) if frozen_embed else FlopCount(embed + body)
+
+
+def backbone_flops(cfg: Config, image_size: int) -> FlopCount:
+    """One image through the backbone of either arch, all of it trained."""
+    if cfg.model.arch == "vit":
+        return vit_backbone_flops(cfg, image_size)
+    return FlopCount(resnet_flops(resnet_depth(cfg), image_size, cfg.model.in_chans, cfg.model.resnet_stem))

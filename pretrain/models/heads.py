@@ -27,13 +27,14 @@ class GlobalBatchNorm1d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        moments = torch.cat([x.float().sum(0), (x.float() ** 2).sum(0), x.new_full((1,), x.shape[0]).float()])
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for fp64 inputs
+        moments = torch.cat([xf.sum(0), (xf**2).sum(0), xf.new_full((1,), x.shape[0])])
         moments = all_reduce_sum_grad(moments)
         dim = x.shape[1]
         count = moments[-1]
         mean = moments[:dim] / count
         var = (moments[dim : 2 * dim] / count - mean**2).clamp_min(0)
-        out = ((x.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        out = ((xf - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
         if self.weight is not None:
             out = out * self.weight + self.bias
         return out
