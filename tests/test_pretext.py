@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pretrain.config import ConfigError
 from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
@@ -56,17 +58,33 @@ PRETEXT = {
 }
 
 
+RESNET = ["model.arch=resnet18", "model.resnet_stem=small"]
+# The classification tasks on a ResNet-18 (small stem: 8 px cells), resumed through the same loop.
+CASES = {
+    **PRETEXT,
+    "rotation-resnet18": ("rotation_vit_tiny_digits.toml", [*PRETEXT["rotation"][1], *RESNET]),
+    "jigsaw-resnet18": (
+        "jigsaw_vit_tiny_digits.toml",
+        [*PRETEXT["jigsaw"][1], *RESNET, "data.image_size=32", "method.jigsaw.tile_size=8"],
+    ),
+    "relative_patch-resnet18": (
+        "relative_patch_vit_tiny_digits.toml",
+        [*PRETEXT["relative_patch"][1], *RESNET, "data.image_size=32", "method.relative_patch.tile_size=8"],
+    ),
+}
+
+
 def overrides(name: str, out: Path, shards: Path, *extra: str) -> list[str]:
     return tiny_overrides(
-        out, shards, "model.attn_backend=reference", "tracking.enabled=false", *PRETEXT[name][1], *extra
+        out, shards, "model.attn_backend=reference", "tracking.enabled=false", *CASES[name][1], *extra
     )
 
 
 def config(name: str) -> Path:
-    return REPO / "configs" / PRETEXT[name][0]
+    return REPO / "configs" / CASES[name][0]
 
 
-@pytest.mark.parametrize("name", list(PRETEXT))
+@pytest.mark.parametrize("name", list(CASES))
 def test_resume_is_bit_identical(tmp_path, digit_shards, name):
     first = Trainer(load_config(config(name), overrides(name, tmp_path / "a", digit_shards)))
     straight = first.fit()
@@ -76,6 +94,21 @@ def test_resume_is_bit_identical(tmp_path, digit_shards, name):
     result = resumed.fit()
     assert result.losses == straight.losses[3:]
     assert_equal_states(resumed.method.state_dict(), first.method.state_dict())
+    if name.endswith("resnet18"):  # the encoder kNN and the probe read is the ResNet, pooled
+        encoder = resumed.method.inference_network()
+        assert type(encoder).__name__ == "ResNet" and encoder.forward_features(torch.zeros(2, 3, 32, 32)).shape == (
+            2,
+            512,
+        )
+
+
+def test_pretext_tasks_check_the_resnet_input_sizes(tmp_path, digit_shards):
+    with pytest.raises(ConfigError, match=r"method.jigsaw.tile_size: 4 px is smaller than the 8 px"):
+        load_config(config("jigsaw"), overrides("jigsaw", tmp_path, digit_shards, *RESNET))
+    with pytest.raises(ConfigError, match=r"method.rotation.pool: a ResNet's pooled feature is the global average"):
+        load_config(
+            config("rotation"), overrides("rotation", tmp_path, digit_shards, *RESNET, "method.rotation.pool=cls")
+        )
 
 
 @pytest.mark.slow

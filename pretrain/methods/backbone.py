@@ -35,6 +35,11 @@ def resnet_depth(cfg: Config) -> int:
     return int(cfg.model.arch.removeprefix("resnet"))
 
 
+def resnet_stride(cfg: Config) -> int:
+    """The stages' total downsampling: the smallest input a ResNet maps to one cell."""
+    return 32 if cfg.model.resnet_stem == "imagenet" else 8
+
+
 def build_resnet_backbone(cfg: Config) -> ResNet:
     model = cfg.model
     return build_resnet(
@@ -76,7 +81,7 @@ def validate_backbone(cfg: Config) -> None:
             "engine.activation_checkpointing: the recompute would run the ResNet's BatchNorm layers a second "
             f"time and update their running statistics twice (model.arch={cfg.model.arch!r}); set false"
         )
-    smallest = 32 if cfg.model.resnet_stem == "imagenet" else 8  # the stages' total stride
+    smallest = resnet_stride(cfg)
     if cfg.data.image_size < smallest:
         raise ConfigError(
             f"data.image_size: model.resnet_stem={cfg.model.resnet_stem!r} downsamples by {smallest}, "
@@ -111,3 +116,36 @@ def backbone_flops(cfg: Config, image_size: int) -> FlopCount:
     if cfg.model.arch == "vit":
         return vit_backbone_flops(cfg, image_size)
     return FlopCount(resnet_flops(resnet_depth(cfg), image_size, cfg.model.in_chans, cfg.model.resnet_stem))
+
+
+def backbone_blocks(backbone: VisionTransformer | ResNet) -> list:
+    """What the engine wraps (FSDP units, checkpointing, compile): a ViT's blocks, a ResNet's stages."""
+    return backbone.stages() if isinstance(backbone, ResNet) else [backbone.blocks]
+
+
+def backbone_no_weight_decay(backbone: VisionTransformer | ResNet, prefix: str = "backbone") -> set[str]:
+    """A ViT's tokens and position table; a ResNet has none beyond the optimizer's ndim <= 1 rule."""
+    if isinstance(backbone, ResNet):
+        return set()
+    return {f"{prefix}.{name}" for name in backbone.no_weight_decay()}
+
+
+def validate_backbone_input(cfg: Config, size: int, key: str) -> None:
+    """An input of `size` px that the backbone reads besides the image (a tile, a patch): whole ViT patches,
+    or at least a ResNet's total stride. The message names `key` and the sizes."""
+    if cfg.model.arch == "vit":
+        if size % cfg.model.patch_size:
+            raise ConfigError(f"{key}: {size} px is not a multiple of model.patch_size {cfg.model.patch_size}")
+        return
+    smallest = resnet_stride(cfg)
+    if size < smallest:
+        raise ConfigError(
+            f"{key}: {size} px is smaller than the {smallest} px that model.arch={cfg.model.arch!r} with "
+            f"model.resnet_stem={cfg.model.resnet_stem!r} downsamples to one cell"
+        )
+
+
+def validate_pool(cfg: Config, pool: str, key: str) -> None:
+    """A ResNet's pooled feature is its global average; a ViT also has its cls token."""
+    if cfg.model.arch != "vit" and pool != "mean":
+        raise ConfigError(f"{key}: a ResNet's pooled feature is the global average ('mean'), got {pool!r}")

@@ -26,7 +26,16 @@ from torch import Tensor, nn
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
-from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
+from pretrain.methods.backbone import (
+    backbone_blocks,
+    backbone_flops,
+    backbone_no_weight_decay,
+    backbone_width,
+    build_backbone,
+    validate_backbone,
+    validate_backbone_input,
+    validate_pool,
+)
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
@@ -37,6 +46,7 @@ from pretrain.methods.tiles import (
     tile_origins,
     validate_tile_grid,
 )
+from pretrain.models.resnet import ResNet
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VisionTransformer
 from pretrain.visualize import denormalize, image_grid
@@ -48,7 +58,7 @@ class JigsawConfig:
 
     # Tiles per side: grid x grid tiles (all (grid^2)! orders are enumerated, so at most 3).
     grid: int = bounded(3, ge=2)
-    # Side of a tile in pixels, a multiple of model.patch_size.
+    # Side of a tile in pixels, a multiple of model.patch_size (ViT), at least the ResNet's stride (8 or 32).
     tile_size: int = bounded(64, gt=0)
     # Nominal pixels between neighbouring tiles.
     gap: int = bounded(11, ge=0)
@@ -106,7 +116,7 @@ class JigsawPuzzles(Method):
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: VisionTransformer | ResNet,
         image_size: int,
         grid: int = 3,
         tile_size: int = 64,
@@ -138,14 +148,14 @@ class JigsawPuzzles(Method):
         chosen = maximal_hamming_permutations(self.num_permutations, self.grid * self.grid, self.permutation_seed)
         self.permutations.copy_(chosen)
 
-    def inference_network(self) -> VisionTransformer:
+    def inference_network(self) -> VisionTransformer | ResNet:
         return self.backbone
 
     def transformer_blocks(self) -> list[nn.ModuleList]:
-        return [self.backbone.blocks]
+        return backbone_blocks(self.backbone)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        return backbone_no_weight_decay(self.backbone)
 
     def cut(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """[B, C, H, W] -> the grid's tiles [B, N, C, t, t] in row-major order, jittered."""
@@ -201,7 +211,8 @@ class JigsawPuzzles(Method):
 
 
 def validate(cfg: Config) -> None:
-    validate_vit_backbone(cfg)
+    validate_backbone(cfg)
+    validate_pool(cfg, cfg.method.jigsaw.pool, "method.jigsaw.pool")
     jigsaw = cfg.method.jigsaw
     if cfg.data.local_crops:
         raise ConfigError(f"data.local_crops: jigsaw puzzles use one crop per image, got {cfg.data.local_crops}")
@@ -215,9 +226,9 @@ def validate(cfg: Config) -> None:
             f"method.jigsaw.permutations: {jigsaw.permutations} is more than the {math.factorial(tiles)} orders "
             f"of a {jigsaw.grid}x{jigsaw.grid} grid"
         )
+    validate_backbone_input(cfg, cfg.method.jigsaw.tile_size, "method.jigsaw.tile_size")
     validate_tile_grid(
         cfg.data.image_size,
-        cfg.model.patch_size,
         jigsaw.grid,
         jigsaw.tile_size,
         jigsaw.gap,
@@ -229,7 +240,7 @@ def validate(cfg: Config) -> None:
 def build(cfg: Config) -> JigsawPuzzles:
     j = cfg.method.jigsaw
     return JigsawPuzzles(
-        build_vit_backbone(cfg),
+        build_backbone(cfg),
         cfg.data.image_size,
         j.grid,
         j.tile_size,
@@ -249,9 +260,9 @@ def flops(cfg: Config) -> FlopCount:
     """The encoder on each of the grid^2 tiles and the head on their concatenated features."""
     j = cfg.method.jigsaw
     tiles = j.grid * j.grid
-    dims = [tiles * vit_width(cfg), j.head_hidden_dim, j.permutations] if j.head_hidden_dim else None
-    head = mlp_flops(dims or [tiles * vit_width(cfg), j.permutations])
-    one = vit_backbone_flops(cfg, j.tile_size)
+    dims = [tiles * backbone_width(cfg), j.head_hidden_dim, j.permutations] if j.head_hidden_dim else None
+    head = mlp_flops(dims or [tiles * backbone_width(cfg), j.permutations])
+    one = backbone_flops(cfg, j.tile_size)
     return FlopCount(tiles * one.trained + head, tiles * one.frozen)
 
 

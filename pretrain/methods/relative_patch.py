@@ -25,11 +25,21 @@ from torch import Tensor, nn
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
-from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
+from pretrain.methods.backbone import (
+    backbone_blocks,
+    backbone_flops,
+    backbone_no_weight_decay,
+    backbone_width,
+    build_backbone,
+    validate_backbone,
+    validate_backbone_input,
+    validate_pool,
+)
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
 from pretrain.methods.tiles import assemble_tiles, extract_tiles, tile_origins, validate_tile_grid
+from pretrain.models.resnet import ResNet
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VisionTransformer
 from pretrain.visualize import denormalize, image_grid
@@ -47,7 +57,7 @@ ChromaGuard = Literal["none", "projection", "drop"]
 class RelativePatchConfig:
     """method.relative_patch"""
 
-    # Side of each patch in pixels, a multiple of model.patch_size.
+    # Side of each patch in pixels, a multiple of model.patch_size (ViT), at least the ResNet's stride (8 or 32).
     tile_size: int = bounded(96, gt=0)
     # Pixels between the center patch and its neighbours.
     gap: int = bounded(48, ge=0)
@@ -108,7 +118,7 @@ class RelativePatchLocation(Method):
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: VisionTransformer | ResNet,
         image_size: int,
         tile_size: int = 96,
         gap: int = 48,
@@ -132,14 +142,14 @@ class RelativePatchLocation(Method):
         self.backbone.init_weights()
         self.head.apply(init_linear_and_norm)
 
-    def inference_network(self) -> VisionTransformer:
+    def inference_network(self) -> VisionTransformer | ResNet:
         return self.backbone
 
     def transformer_blocks(self) -> list[nn.ModuleList]:
-        return [self.backbone.blocks]
+        return backbone_blocks(self.backbone)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        return backbone_no_weight_decay(self.backbone)
 
     def guard_colors(self, tiles: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The chromatic-aberration guard on patches [B, 2, C, t, t]; projection works on unnormalized RGB."""
@@ -198,7 +208,8 @@ class RelativePatchLocation(Method):
 
 
 def validate(cfg: Config) -> None:
-    validate_vit_backbone(cfg)
+    validate_backbone(cfg)
+    validate_pool(cfg, cfg.method.relative_patch.pool, "method.relative_patch.pool")
     r = cfg.method.relative_patch
     if cfg.data.local_crops:
         raise ConfigError(
@@ -208,15 +219,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"method.relative_patch.chroma: projection needs RGB, data.mean has {len(cfg.data.mean)} channels"
         )
-    validate_tile_grid(
-        cfg.data.image_size, cfg.model.patch_size, 3, r.tile_size, r.gap, r.jitter, "method.relative_patch"
-    )
+    validate_backbone_input(cfg, cfg.method.relative_patch.tile_size, "method.relative_patch.tile_size")
+    validate_tile_grid(cfg.data.image_size, 3, r.tile_size, r.gap, r.jitter, "method.relative_patch")
 
 
 def build(cfg: Config) -> RelativePatchLocation:
     r = cfg.method.relative_patch
     return RelativePatchLocation(
-        build_vit_backbone(cfg),
+        build_backbone(cfg),
         cfg.data.image_size,
         r.tile_size,
         r.gap,
@@ -232,9 +242,9 @@ def build(cfg: Config) -> RelativePatchLocation:
 def flops(cfg: Config) -> FlopCount:
     """The encoder on both patches and the head on their concatenated features."""
     r = cfg.method.relative_patch
-    width = vit_width(cfg)
+    width = backbone_width(cfg)
     head = mlp_flops([2 * width, r.head_hidden_dim, POSITIONS] if r.head_hidden_dim else [2 * width, POSITIONS])
-    one = vit_backbone_flops(cfg, r.tile_size)
+    one = backbone_flops(cfg, r.tile_size)
     return FlopCount(2 * one.trained + head, 2 * one.frozen)
 
 

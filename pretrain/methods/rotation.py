@@ -19,10 +19,19 @@ from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
-from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
+from pretrain.methods.backbone import (
+    backbone_blocks,
+    backbone_flops,
+    backbone_no_weight_decay,
+    backbone_width,
+    build_backbone,
+    validate_backbone,
+    validate_pool,
+)
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
+from pretrain.models.resnet import ResNet
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VIT_SIZES, VisionTransformer
 from pretrain.visualize import denormalize, image_grid
@@ -59,7 +68,7 @@ class RotationPrediction(Method):
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: VisionTransformer | ResNet,
         head_hidden_dim: int = 0,
         pool: str = "cls",
         mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -77,14 +86,14 @@ class RotationPrediction(Method):
         self.backbone.init_weights()
         self.head.apply(init_linear_and_norm)
 
-    def inference_network(self) -> VisionTransformer:
+    def inference_network(self) -> VisionTransformer | ResNet:
         return self.backbone
 
     def transformer_blocks(self) -> list[nn.ModuleList]:
-        return [self.backbone.blocks]
+        return backbone_blocks(self.backbone)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        return backbone_no_weight_decay(self.backbone)
 
     def logits(self, images: Tensor) -> Tensor:
         return self.head(self.backbone.forward_features(images, self.pool))
@@ -119,7 +128,8 @@ class RotationPrediction(Method):
 
 
 def validate(cfg: Config) -> None:
-    validate_vit_backbone(cfg)
+    validate_backbone(cfg)
+    validate_pool(cfg, cfg.method.rotation.pool, "method.rotation.pool")
     if cfg.data.local_crops:
         raise ConfigError(f"data.local_crops: rotation prediction uses one view per image, got {cfg.data.local_crops}")
 
@@ -127,21 +137,23 @@ def validate(cfg: Config) -> None:
 def build(cfg: Config) -> RotationPrediction:
     rotation = cfg.method.rotation
     return RotationPrediction(
-        build_vit_backbone(cfg), rotation.head_hidden_dim, rotation.pool, mean=cfg.data.mean, std=cfg.data.std
+        build_backbone(cfg), rotation.head_hidden_dim, rotation.pool, mean=cfg.data.mean, std=cfg.data.std
     )
 
 
 def flops(cfg: Config) -> FlopCount:
     """The encoder and the head on all four rotations of the image."""
     hidden = cfg.method.rotation.head_hidden_dim
-    head = mlp_flops([vit_width(cfg), hidden, ROTATIONS] if hidden else [vit_width(cfg), ROTATIONS])
-    one = vit_backbone_flops(cfg, cfg.data.image_size) + FlopCount(head)
+    head = mlp_flops([backbone_width(cfg), hidden, ROTATIONS] if hidden else [backbone_width(cfg), ROTATIONS])
+    one = backbone_flops(cfg, cfg.data.image_size) + FlopCount(head)
     return FlopCount(ROTATIONS * one.trained, ROTATIONS * one.frozen)
 
 
 def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
-    """Per sample: the encoder and head on each of the four rotations, and the cross-entropy."""
+    """Per sample: the encoder and head on each of the four rotations, and the cross-entropy (ViT only)."""
     data, model = cfg.data, cfg.model
+    if model.arch != "vit":
+        raise ConfigError(f"model.arch: pretrain plan has no activation model of rotation on {model.arch!r}")
     dim, depth, heads = VIT_SIZES[model.size]
     tokens = (data.image_size // model.patch_size) ** 2 + 1
     hidden = cfg.method.rotation.head_hidden_dim

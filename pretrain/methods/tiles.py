@@ -20,12 +20,9 @@ def grid_span(grid: int, tile: int, gap: int, jitter: int) -> int:
     return grid * tile + (grid - 1) * gap + 2 * jitter
 
 
-def validate_tile_grid(
-    image_size: int, patch_size: int, grid: int, tile: int, gap: int, jitter: int, section: str
-) -> None:
-    """The layout must fit the image and tiles must be whole ViT patches; messages name the key and sizes."""
-    if tile % patch_size:
-        raise ConfigError(f"{section}.tile_size: {tile} px is not a multiple of model.patch_size {patch_size}")
+def validate_tile_grid(image_size: int, grid: int, tile: int, gap: int, jitter: int, section: str) -> None:
+    """The layout must fit the image (what the backbone needs of a tile is `backbone.validate_backbone_input`);
+    messages name the key and sizes."""
     span = grid_span(grid, tile, gap, jitter)
     if span > image_size:
         raise ConfigError(
