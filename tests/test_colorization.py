@@ -138,6 +138,8 @@ def test_prior_counted_on_training_shards_and_checkpointed(digit_shards):
     assert not torch.equal(uniform.prior, method.prior)
     uniform.load_state_dict(state)
     assert torch.equal(uniform.class_weights, method.class_weights) and torch.equal(uniform.bins, method.bins)
+    with pytest.raises(ConfigError, match="method.colorization.prior_images"):
+        build_method(load_config(None, [*COLOR, 'data.shards="/tmp/hc-none"', "method.colorization.prior_images=5"]))
 
 
 @pytest.mark.parametrize("split_brain", [False, True])

@@ -4,7 +4,8 @@ autoencoder (Zhang, Isola & Efros 2017, "Split-Brain Autoencoders").
 Classification form. Images are converted to CIE Lab (data_pipeline/lab.py: sRGB gamma, D65 white). The L
 channel goes in: the `model.*` ViT is built with one input channel (L / 50 - 1, the paper's centering);
 `model.in_chans` stays the images' 3 RGB channels. A per-token decoder predicts, for every pixel of its
-patch (subsampled by `downsample`, the paper predicts at 1/4 resolution), logits over the Q ab bins.
+patch (subsampled by `downsample`, the paper predicts at 1/4 resolution), logits over the Q ab bins; the
+targets are every `downsample`-th pixel's ab (ab[::4, ::4] at 4, as the paper's stride-4 subsampling).
 
 The bins. ab is cut into a grid of `grid` units with centers at the multiples of `grid` in
 [-ab_range, ab_range]; the kept bins are those the sRGB gamut reaches: every RGB color of a dense lattice
@@ -26,10 +27,11 @@ nearest bin, w ~ ((1 - lambda) p~ + lambda / Q)^-1 with p~ the prior smoothed by
 `prior_sigma` = 5 (ab units) and lambda = `rebalance` = 0.5, normalized so E_p~[w] = 1. The paper sums over
 pixels; we average (a constant factor). Pictures decode the annealed mean, T = `temperature` = 0.38.
 
-Split-brain (`split_brain = true`). Two ViTs of `model.size`: L -> ab (the classification above) and
-ab -> L, the latter classifying L into `l_bins` = 50 uniform bins of [0, 100] with a plain cross-entropy
-(the 2017 paper: classification losses, L in 50 bins). The paper splits one network's channels in half;
-here each half is a whole `model.size` ViT (ours). Evaluation (kNN, linear probe) uses the concatenation of
+Split-brain (`split_brain = true`). Two ViTs of `model.size`: L -> ab (the classification above, its
+rebalancing kept: ours, not checked against the 2017 paper) and ab -> L (input ab / ab_range), classifying
+L into `l_bins` = 50 uniform bins of [0, 100] with a plain cross-entropy (the 2017 paper: classification
+for both halves, L in 50 bins). The loss is the sum of the two. The paper splits one network's channels in
+half; here each half is a whole `model.size` ViT (ours). Evaluation (kNN, linear probe) uses the concatenation of
 both halves' pooled features: `inference_network().forward_features`.
 
 The paper's network is a VGG-style CNN with dilated convolutions; here it is the ViT and a linear (or MLP)
@@ -177,7 +179,11 @@ def count_prior(shards: str, split: str, images: int, bins: Tensor) -> Tensor:
     """float64 [Q] pixel counts of the first `images` images of the sorted training shards over the bins."""
     counts = torch.zeros(bins.shape[0], dtype=torch.float64, device=CPU)
     seen = 0
-    for url in resolve_shards(shards, split):
+    try:
+        urls = resolve_shards(shards, split)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"method.colorization.prior_images: the prior is counted on data.shards: {exc}") from exc
+    for url in urls:
         for record in read_shard(url):
             if seen >= images:
                 return counts
