@@ -3,7 +3,8 @@ then its frozen encoder is scored by weighted kNN and a linear probe against a r
 shape.
 
     python benchmarks/ssl_digits.py                     # MAE, MoCo v3 and DINO
-    python benchmarks/ssl_digits.py --methods jigsaw    # one pretext task (rotation, jigsaw, relative_patch, ...)
+    python benchmarks/ssl_digits.py --methods jigsaw    # one pretext task (rotation, jigsaw, relative_patch, ...;
+                                                        # colorization runs but is not benchmarked: the digits are gray)
     python benchmarks/ssl_digits.py --methods dino --steps 50
 
 Each method runs its digits demo config (configs/*_digits.toml) unchanged apart from paths; the table and
@@ -42,6 +43,8 @@ CONFIGS = {
     "jigsaw": ROOT / "configs" / "jigsaw_vit_tiny_digits.toml",
     "relative_patch": ROOT / "configs" / "relative_patch_vit_tiny_digits.toml",
     "inpainting": ROOT / "configs" / "inpainting_vit_tiny_digits.toml",
+    # Runnable, not run: the digits are gray (one ab bin), so colorization has nothing to learn on them.
+    "colorization": ROOT / "configs" / "colorization_vit_tiny_digits.toml",
 }
 
 

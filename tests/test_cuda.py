@@ -62,6 +62,11 @@ METHODS = {
         "method.inpainting.disc_channels=8",
         "method.inpainting.disc_layers=2",
     ],
+    "colorization": [
+        "method.name=colorization",
+        "method.colorization.split_brain=true",
+        "method.colorization.prior_images=8",
+    ],
     "vae": [
         "method.name=vae",
         "method.vae.downsample=4",

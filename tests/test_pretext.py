@@ -55,6 +55,11 @@ PRETEXT = {
             "method.inpainting.disc_layers=2",
         ],
     ),
+    # Split-brain: both halves (L -> ab, ab -> L) and the prior counted on the shards by every rank.
+    "colorization": (
+        "colorization_vit_tiny_digits.toml",
+        ["method.name=colorization", "method.colorization.split_brain=true", "method.colorization.prior_images=20"],
+    ),
 }
 
 

@@ -7,7 +7,19 @@ dataclass becomes the section `method.<name>`.
 from __future__ import annotations
 
 from pretrain.config import Config, MethodConfig, check_choice, with_sections
-from pretrain.methods import dino, dit, inpainting, jigsaw, mae, moco, relative_patch, rotation, simclr, vae
+from pretrain.methods import (
+    colorization,
+    dino,
+    dit,
+    inpainting,
+    jigsaw,
+    mae,
+    moco,
+    relative_patch,
+    rotation,
+    simclr,
+    vae,
+)
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
 
@@ -23,6 +35,7 @@ METHODS: dict[str, MethodSpec] = {
         jigsaw.SPEC,
         relative_patch.SPEC,
         inpainting.SPEC,
+        colorization.SPEC,
         simclr.SPEC,
     )
 }
