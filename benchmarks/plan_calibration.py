@@ -231,22 +231,27 @@ METHOD_CONFIGS = (
     "configs/moco_v3_vit_tiny_digits.toml",
     "configs/dino_vit_tiny_digits.toml",
     "configs/dit_digits.toml",
+    "configs/simclr_vit_tiny_digits.toml",
+    "configs/rotation_vit_tiny_digits.toml",
+    "configs/jigsaw_vit_tiny_digits.toml",
+    "configs/relative_patch_vit_tiny_digits.toml",
 )
 
 
 def random_batch(cfg, batch_size: int) -> dict:
-    """What the method's train transform would hand it: images, a list of views, or DiT inputs."""
-    data, labels = cfg.data, torch.zeros(batch_size, dtype=torch.long)
-    if cfg.method.name == "dit":
+    """What the method's train transform would hand it: images, or a list of views (the crops its spec names),
+    or DiT's latents."""
+    from pretrain.methods.registry import METHODS
+
+    labels = torch.zeros(batch_size, dtype=torch.long)
+    crop_views = METHODS[cfg.method.name].crop_views
+    if crop_views is None:  # DiT: latents of the input size
         dit = cfg.method.dit
         return {"image": torch.randn(batch_size, dit.in_channels, dit.input_size, dit.input_size), "label": labels}
+    crops = crop_views(cfg)
     image = lambda size: torch.randn(batch_size, cfg.model.in_chans, size, size)  # noqa: E731
-    if cfg.method.name in ("moco", "dino"):
-        views = [image(data.image_size) for _ in range(2)] + [
-            image(data.local_crop_size) for _ in range(data.local_crops)
-        ]
-        return {"image": views, "label": labels}
-    return {"image": image(data.image_size), "label": labels}
+    views = [image(size) for size, _ in crops.views]
+    return {"image": views[0] if crops.single else views, "label": labels}
 
 
 def method_activations(batch_size: int) -> list[dict]:

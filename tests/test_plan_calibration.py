@@ -41,6 +41,15 @@ def test_plan_matches_a_real_step(world_size, engines):
 
 def test_every_methods_activations_match_the_closed_forms():
     rows = method_activations(batch_size=4)
-    assert {r["method"] for r in rows} == {"mae", "moco", "dino", "dit"}
+    assert {r["method"] for r in rows} == {
+        "mae",
+        "moco",
+        "dino",
+        "dit",
+        "simclr",
+        "rotation",
+        "jigsaw",
+        "relative_patch",
+    }
     for row in rows:
         assert abs(row["measured_over_planned"] - 1) <= ACTIVATION_TOLERANCE, row

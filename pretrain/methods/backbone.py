@@ -9,6 +9,7 @@ ViT-only methods (MAE, MoCo v3, DINO) use the `*_vit_*` functions and reject oth
 
 from __future__ import annotations
 
+from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, vit_block
 from pretrain.config import Config, ConfigError, check_choice
 from pretrain.flops import FlopCount, resnet_flops, vit_flops
 from pretrain.models.resnet import RESNET_DEPTHS, STAGE_WIDTHS, ResNet, build_resnet
@@ -149,3 +150,25 @@ def validate_pool(cfg: Config, pool: str, key: str) -> None:
     """A ResNet's pooled feature is its global average; a ViT also has its cls token."""
     if cfg.model.arch != "vit" and pool != "mean":
         raise ConfigError(f"{key}: a ResNet's pooled feature is the global average ('mean'), got {pool!r}")
+
+
+def vit_encoder_activations(cfg: Config, size: int, count: int, act: int, checkpointing: bool) -> dict[str, int]:
+    """Saved by `count` inputs of `size` px through the ViT encoder per sample (tiles, patches, rotations):
+    the blocks, the patch embedding's input and the final norm; pooling saves nothing."""
+    model = cfg.model
+    if model.arch != "vit":
+        raise ConfigError(f"model.arch: pretrain plan has no activation model of {cfg.method.name} on {model.arch!r}")
+    dim, depth, heads = VIT_SIZES[model.size]
+    tokens = (size // model.patch_size) ** 2 + 1
+    return {
+        "encoder blocks": count
+        * blocks_bytes(vit_block(tokens, dim, heads, act), tokens * dim * act, depth, checkpointing),
+        "patch embedding input": count * model.in_chans * size**2 * act,
+        "final norm": count * layer_norm_bytes(tokens, dim, act),
+    }
+
+
+def classifier_head_activations(in_dim: int, hidden_dim: int, classes: int, act: int) -> int:
+    """A linear head, or Linear-GELU-Linear, and the fp32 cross-entropy over `classes`."""
+    head = in_dim * act + (2 * hidden_dim * act + hidden_dim * act if hidden_dim else 0)
+    return head + 2 * classes * STAT

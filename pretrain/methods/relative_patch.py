@@ -31,9 +31,11 @@ from pretrain.methods.backbone import (
     backbone_no_weight_decay,
     backbone_width,
     build_backbone,
+    classifier_head_activations,
     validate_backbone,
     validate_backbone_input,
     validate_pool,
+    vit_encoder_activations,
 )
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
@@ -249,6 +251,14 @@ def flops(cfg: Config) -> FlopCount:
 
 
 # One random resized crop (and flip) per image; the patch pair, jitter and color guard are drawn in `forward`.
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample (ViT only): the encoder on each of the two patches, the head and the cross-entropy."""
+    r = cfg.method.relative_patch
+    parts = vit_encoder_activations(cfg, r.tile_size, 2, act, checkpointing)
+    parts["head and loss"] = classifier_head_activations(2 * backbone_width(cfg), r.head_hidden_dim, POSITIONS, act)
+    return parts
+
+
 SPEC = MethodSpec(
     "relative_patch",
     RelativePatchConfig,
@@ -257,5 +267,6 @@ SPEC = MethodSpec(
     validate=validate,
     device_transform=single_crop_device_transform,
     flops=flops,
+    activations=activations,
     crop_views=single_crop_views,
 )
