@@ -34,6 +34,7 @@ def main() -> None:
     dist.all_gather_object(gathered, {"loss": loss.detach(), "grad": local.grad})
     if rank == 0:
         torch.save(gathered, sys.argv[1])
+    dist.barrier()  # no rank tears gloo down while its peer still has a collective in flight
     dist.destroy_process_group()
 
 
