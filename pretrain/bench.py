@@ -94,6 +94,13 @@ def synthetic_batch(cfg: Config) -> dict[str, Any]:
     return {"image": images, "label": torch.zeros(len(samples), dtype=torch.long)}
 
 
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as the record keeps it: the run directory was a temporary one, so it says so rather
+    than naming a path of this machine."""
+    config["run"]["output_dir"] = "<a temporary directory, removed after the run>"
+    return config
+
+
 def bench_overrides(total_steps: int, output_dir: str) -> list[str]:
     return [
         f"train.steps={total_steps}",
@@ -231,7 +238,7 @@ def run_benchmark(
         "tflops_per_device": None,
         "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None,
         "mfu": None,
-        "config": cfg.to_dict(),
+        "config": _portable(cfg.to_dict()),
     }
     if trainer.flops is not None:
         achieved = trainer.flops["train"] * samples_per_sec / world_size
