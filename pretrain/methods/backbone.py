@@ -172,3 +172,19 @@ def classifier_head_activations(in_dim: int, hidden_dim: int, classes: int, act:
     """A linear head, or Linear-GELU-Linear, and the fp32 cross-entropy over `classes`."""
     head = in_dim * act + (2 * hidden_dim * act + hidden_dim * act if hidden_dim else 0)
     return head + 2 * classes * STAT
+
+
+class EncoderHooks:
+    """The Method hooks of a method whose trained network is `self.backbone` (either arch): what eval and export
+    use, what the engine wraps, and the backbone's weight-decay exclusions. Listed before `Method` in the bases."""
+
+    backbone: VisionTransformer | ResNet
+
+    def inference_network(self) -> VisionTransformer | ResNet:
+        return self.backbone
+
+    def transformer_blocks(self) -> list:
+        return backbone_blocks(self.backbone)
+
+    def no_weight_decay(self) -> set[str]:
+        return backbone_no_weight_decay(self.backbone)

@@ -27,9 +27,8 @@ from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
 from pretrain.methods.backbone import (
-    backbone_blocks,
+    EncoderHooks,
     backbone_flops,
-    backbone_no_weight_decay,
     backbone_width,
     build_backbone,
     classifier_head_activations,
@@ -113,7 +112,7 @@ def jigsaw_head(in_dim: int, hidden_dim: int, classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, classes))
 
 
-class JigsawPuzzles(Method):
+class JigsawPuzzles(EncoderHooks, Method):
     num_visuals = 8
 
     def __init__(
@@ -149,15 +148,6 @@ class JigsawPuzzles(Method):
         self.head.apply(init_linear_and_norm)
         chosen = maximal_hamming_permutations(self.num_permutations, self.grid * self.grid, self.permutation_seed)
         self.permutations.copy_(chosen)
-
-    def inference_network(self) -> VisionTransformer | ResNet:
-        return self.backbone
-
-    def transformer_blocks(self) -> list[nn.ModuleList]:
-        return backbone_blocks(self.backbone)
-
-    def no_weight_decay(self) -> set[str]:
-        return backbone_no_weight_decay(self.backbone)
 
     def cut(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """[B, C, H, W] -> the grid's tiles [B, N, C, t, t] in row-major order, jittered."""

@@ -26,9 +26,8 @@ from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
 from pretrain.methods.backbone import (
-    backbone_blocks,
+    EncoderHooks,
     backbone_flops,
-    backbone_no_weight_decay,
     backbone_width,
     build_backbone,
     classifier_head_activations,
@@ -115,7 +114,7 @@ def pair_head(width: int, hidden_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(2 * width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, POSITIONS))
 
 
-class RelativePatchLocation(Method):
+class RelativePatchLocation(EncoderHooks, Method):
     num_visuals = 8
 
     def __init__(
@@ -143,15 +142,6 @@ class RelativePatchLocation(Method):
     def init_weights(self) -> None:
         self.backbone.init_weights()
         self.head.apply(init_linear_and_norm)
-
-    def inference_network(self) -> VisionTransformer | ResNet:
-        return self.backbone
-
-    def transformer_blocks(self) -> list[nn.ModuleList]:
-        return backbone_blocks(self.backbone)
-
-    def no_weight_decay(self) -> set[str]:
-        return backbone_no_weight_decay(self.backbone)
 
     def guard_colors(self, tiles: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The chromatic-aberration guard on patches [B, 2, C, t, t]; projection works on unnormalized RGB."""

@@ -20,9 +20,8 @@ from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, vit
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.flops import FlopCount, mlp_flops
 from pretrain.methods.backbone import (
-    backbone_blocks,
+    EncoderHooks,
     backbone_flops,
-    backbone_no_weight_decay,
     backbone_width,
     build_backbone,
     validate_backbone,
@@ -63,7 +62,7 @@ def rotation_head(width: int, hidden_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, ROTATIONS))
 
 
-class RotationPrediction(Method):
+class RotationPrediction(EncoderHooks, Method):
     num_visuals = 8
 
     def __init__(
@@ -85,15 +84,6 @@ class RotationPrediction(Method):
     def init_weights(self) -> None:
         self.backbone.init_weights()
         self.head.apply(init_linear_and_norm)
-
-    def inference_network(self) -> VisionTransformer | ResNet:
-        return self.backbone
-
-    def transformer_blocks(self) -> list[nn.ModuleList]:
-        return backbone_blocks(self.backbone)
-
-    def no_weight_decay(self) -> set[str]:
-        return backbone_no_weight_decay(self.backbone)
 
     def logits(self, images: Tensor) -> Tensor:
         return self.head(self.backbone.forward_features(images, self.pool))

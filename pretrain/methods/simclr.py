@@ -24,7 +24,7 @@ from pretrain.activation_memory import STAT, Collective, blocks_bytes, global_bn
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.distributed import all_gather_cat_grad, rank
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
-from pretrain.methods.backbone import backbone_flops, backbone_width, build_backbone, validate_backbone
+from pretrain.methods.backbone import EncoderHooks, backbone_flops, backbone_width, build_backbone, validate_backbone
 from pretrain.methods.base import Method
 from pretrain.methods.joint_embedding import (
     joint_embedding_crop_views,
@@ -66,7 +66,7 @@ def nt_xent_loss(embeddings: Tensor, temperature: float, impl: str = "auto") -> 
     return info_nce(embeddings, keys, temperature, positives, normalize=True, impl=impl, exclude=exclude)
 
 
-class SimCLR(Method):
+class SimCLR(EncoderHooks, Method):
     num_visuals = 8
 
     def __init__(
@@ -93,18 +93,6 @@ class SimCLR(Method):
     def init_weights(self) -> None:
         self.backbone.init_weights()
         init_moco_mlp(self.projector)
-
-    def inference_network(self) -> nn.Module:
-        return self.backbone
-
-    def transformer_blocks(self) -> list[nn.ModuleList]:
-        """A ViT's blocks, or a ResNet's four stages (each residual block is wrapped: FSDP, compile)."""
-        stages = getattr(self.backbone, "stages", None)
-        return stages() if stages is not None else [self.backbone.blocks]
-
-    def no_weight_decay(self) -> set[str]:
-        skip = getattr(self.backbone, "no_weight_decay", None)
-        return {f"backbone.{name}" for name in skip()} if skip is not None else set()
 
     def embed(self, images: Tensor) -> Tensor:
         return self.projector(self.backbone.forward_features(images, pool=self.pool))
