@@ -184,6 +184,9 @@ class OptimConfig:
     lr_scaling: Literal["linear", "none"] = "linear"
     min_lr: float = bounded(0.0, ge=0)
     weight_decay: float = bounded(0.05, ge=0)
+    # Decay biases and normalization weights too (MoCo v1/v2's released code decays every parameter); by
+    # default they are left out, as MAE, MoCo v3, DINO, SimCLR and BYOL do.
+    decay_biases_and_norms: bool = False
     # >= 0: a cosine from weight_decay to this (DINO); < 0: constant.
     weight_decay_end: float = -1.0
     betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
@@ -194,6 +197,12 @@ class OptimConfig:
     # lars: the trust coefficient eta of the layer-wise rate eta * |w| / |g + wd w| (SimCLR, BYOL: 1e-3).
     lars_eta: float = bounded(1e-3, gt=0)
     warmup_steps: int = bounded(0, ge=0)
+    # After the warmup: cosine: half a cosine from the peak to min_lr at the last step | step: the peak,
+    # times lr_gamma from each of lr_milestones on, given as fractions of train.steps (MoCo v1's x0.1 at
+    # epochs 120 and 160 of 200: [0.6, 0.8]), so a shortened run or a benchmark keeps the shape.
+    schedule: Literal["cosine", "step"] = "cosine"
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = bounded(0.1, gt=0, le=1)
     # 0 disables clipping (the norm is still measured and logged).
     grad_clip: float = bounded(0.0, ge=0)
     accum_steps: int = bounded(1, ge=1)
@@ -358,6 +367,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list of {_type_name(args[0])} values, got {value!r}")
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
@@ -472,6 +485,24 @@ def _optimizer_fields_read(optim: OptimConfig) -> None:
             )
 
 
+def _schedule_fields(optim: OptimConfig) -> None:
+    if optim.schedule == "cosine":
+        if optim.lr_milestones:
+            raise ConfigError(
+                f"optim.lr_milestones: {list(optim.lr_milestones)} are read only by optim.schedule='step'; "
+                "set optim.schedule or leave them empty"
+            )
+        return
+    milestones = list(optim.lr_milestones)
+    if not milestones or milestones != sorted(set(milestones)) or not 0 < milestones[0] <= milestones[-1] < 1:
+        raise ConfigError(
+            f"optim.lr_milestones: optim.schedule='step' needs increasing fractions of train.steps in (0, 1), "
+            f"got {milestones}"
+        )
+    if optim.min_lr:
+        raise ConfigError(f"optim.min_lr: {optim.min_lr} is read only by optim.schedule='cosine'; set 0")
+
+
 def validate_core(cfg: Config) -> None:
     """Relations between fields of the core sections; each message names the key to change."""
     if not cfg.run.name or "/" in cfg.run.name:
@@ -486,6 +517,12 @@ def validate_core(cfg: Config) -> None:
     _optimizer_fields_read(optim)
     if optim.min_lr > optim.base_lr:
         raise ConfigError(f"optim.min_lr: {optim.min_lr} exceeds optim.base_lr {optim.base_lr}")
+    _schedule_fields(optim)
+    if optim.decay_biases_and_norms and optim.name == "lars":
+        raise ConfigError(
+            "optim.decay_biases_and_norms: LARS keeps biases and normalization weights out of its trust ratio "
+            "and of weight decay; set false"
+        )
     if launch.time and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", launch.time):
         raise ConfigError(f"launch.time: '{launch.time}' is not a SLURM time limit (HH:MM:SS or D-HH:MM:SS)")
     for name in launch.env:

@@ -16,13 +16,14 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.base_lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.base_lr
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: set[str]) -> list[dict]:
-    """Biases, norm weights and the names in `skip` (tokens, embeddings) get no weight decay."""
+def param_groups(model: nn.Module, weight_decay: float, skip: set[str], decay_1d: bool = False) -> list[dict]:
+    """Biases, norm weights (unless `decay_1d`: MoCo v1/v2's released code decays them) and the names in
+    `skip` (tokens, embeddings) get no weight decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        (no_decay if (param.ndim <= 1 and not decay_1d) or name in skip else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -32,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float, skip: set[str]) -> list[
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, skip: set[str]) -> torch.optim.Optimizer:
     """optim.name over `param_groups`: the first group is decayed (and, for LARS, trust-ratio adapted), the
     second (biases, normalization weights, `skip`) is neither."""
-    groups = param_groups(model, cfg.weight_decay, skip)
+    groups = param_groups(model, cfg.weight_decay, skip, cfg.decay_biases_and_norms)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
     if cfg.name == "lars":
@@ -112,6 +113,23 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_step_decay(
+    step: int, total: int, warmup: int, peak: float, milestones: tuple[float, ...], gamma: float
+) -> float:
+    """Linear warmup to `peak`, then `peak` times `gamma` for each milestone (a fraction of `total`) reached."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * gamma ** sum(step >= milestone * total for milestone in milestones)
+
+
+def learning_rate(cfg: OptimConfig, step: int, total_steps: int, peak_lr: float) -> float:
+    """The rate of optimizer step `step` (0-based) under `cfg.schedule`."""
+    if cfg.schedule == "step":
+        return warmup_step_decay(step, total_steps, cfg.warmup_steps, peak_lr, cfg.lr_milestones, cfg.lr_gamma)
+    floor = cfg.min_lr * peak_lr / cfg.base_lr if cfg.lr_scaling == "linear" else cfg.min_lr
+    return warmup_cosine(step, total_steps, cfg.warmup_steps, peak_lr, floor)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, peak_lr: float, start_step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -119,12 +137,11 @@ def build_scheduler(
 
     A resumed run builds it anew from the settings it resumes with (so a changed rate, warmup or length
     takes effect at the resumed step); with unchanged settings it equals the saved schedule exactly."""
-    floor = cfg.min_lr * peak_lr / cfg.base_lr if cfg.lr_scaling == "linear" else cfg.min_lr
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = peak_lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: warmup_cosine(step, total_steps, cfg.warmup_steps, peak_lr, floor) / peak_lr,
+        lambda step: learning_rate(cfg, step, total_steps, peak_lr) / peak_lr,
         last_epoch=start_step - 1,
     )
 

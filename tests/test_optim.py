@@ -46,12 +46,31 @@ def test_scheduler_follows_function_and_resumes():
     assert math.isclose(sched2.get_last_lr()[0], warmup_cosine(8, 20, 3, 0.5, 0.05))
 
 
+def test_step_schedule_drops_by_gamma_at_each_milestone():
+    """MoCo v1's schedule: the peak after the warmup, x0.1 from each milestone step on (0-based steps)."""
+    model = torch.nn.Linear(2, 2)
+    cfg = OptimConfig(base_lr=0.5, lr_scaling="none", warmup_steps=2, schedule="step", lr_milestones=(0.5, 0.75))
+    opt = torch.optim.SGD(model.parameters())
+    sched = build_scheduler(opt, cfg, total_steps=8, peak_lr=0.5, start_step=0)
+    seen = []
+    for _ in range(8):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.25, 0.5, 0.5, 0.5, 0.05, 0.05, 0.005, 0.005])
+    resumed = build_scheduler(torch.optim.SGD(model.parameters()), cfg, total_steps=8, peak_lr=0.5, start_step=5)
+    assert resumed.get_last_lr()[0] == pytest.approx(0.05)
+
+
 def test_no_decay_for_biases_norms_and_named_tokens():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     model.register_parameter("token", torch.nn.Parameter(torch.zeros(1, 1, 4)))
     decay, no_decay = param_groups(model, 0.05, skip={"token"})
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+    # MoCo v1/v2's released convention decays biases and norm weights too; named skips stay out
+    decay, no_decay = param_groups(model, 0.05, skip={"token"}, decay_1d=True)
+    assert len(decay["params"]) == 4 and len(no_decay["params"]) == 1
 
 
 # ---------------------------------------------------------------------- SGD and LARS

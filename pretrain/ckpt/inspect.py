@@ -55,6 +55,9 @@ def _config_summary(config: dict[str, Any], world_size: int) -> dict[str, Any]:
         "lr_scaling": optim.get("lr_scaling"),
         "peak_lr": peak,
         "min_lr": optim.get("min_lr"),
+        "schedule": optim.get("schedule", "cosine"),
+        "lr_milestones": optim.get("lr_milestones", []),
+        "lr_gamma": optim.get("lr_gamma", 0.1),
         "warmup_steps": optim.get("warmup_steps"),
         "weight_decay": optim.get("weight_decay"),
         "train_steps": train.get("steps"),
@@ -232,11 +235,16 @@ def format_report(info: dict[str, Any]) -> str:
         )
     )
     peak = f"{c['peak_lr']:.3g}" if c["peak_lr"] is not None else "?"
+    if c["schedule"] == "step":
+        steps = c["train_steps"] or 0
+        decay = f"x{c['lr_gamma']} at steps {', '.join(str(round(f * steps)) for f in c['lr_milestones'])}"
+    else:
+        decay = f"cosine to min_lr {c['min_lr']}"
     lines.append(
         (
             "lr",
             f"peak {peak} (base_lr {c['base_lr']}, {c['lr_scaling']} scaling), warmup {c['warmup_steps']} steps, "
-            f"cosine to min_lr {c['min_lr']}, weight decay {c['weight_decay']}",
+            f"{decay}, weight decay {c['weight_decay']}",
         )
     )
     lines.append(("on disk", f"{format_bytes(info['disk']['bytes'])} in {info['disk']['files']} files"))
