@@ -39,6 +39,7 @@ CONFIGS = {
     "moco": ROOT / "configs" / "moco_v3_vit_tiny_digits.toml",
     "dino": ROOT / "configs" / "dino_vit_tiny_digits.toml",
     "simclr": ROOT / "configs" / "simclr_vit_tiny_digits.toml",
+    "moco_v2": ROOT / "configs" / "moco_v2_vit_tiny_digits.toml",
     "rotation": ROOT / "configs" / "rotation_vit_tiny_digits.toml",
     "jigsaw": ROOT / "configs" / "jigsaw_vit_tiny_digits.toml",
     "relative_patch": ROOT / "configs" / "relative_patch_vit_tiny_digits.toml",

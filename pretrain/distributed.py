@@ -38,6 +38,13 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place, without gradient (statistics every rank must agree on)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's `values` (same length on all ranks), indexed by rank."""
     if not dist.is_initialized():

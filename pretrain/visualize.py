@@ -31,3 +31,18 @@ def image_grid(images: Tensor, nrow: int, padding: int = 2) -> Tensor:
         left = padding + (index % ncol) * cell_w
         grid[:, top : top + height, left : left + width] = image
     return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def match_grid(queries: Tensor, matches: Tensor, correct: Tensor) -> Tensor:
+    """Two rows of images in 0..1: each query above the image retrieved for it, framed green where that is
+    the right one (the query's other view) and red otherwise: how contrastive methods show what they learned."""
+    found = matches.float().expand(-1, 3, -1, -1).clone()
+    color = torch.where(
+        correct[:, None].to(found.device), found.new_tensor([0.0, 0.8, 0.0]), found.new_tensor([0.9, 0.0, 0.0])
+    )
+    frame = color[:, :, None, None]
+    found[:, :, :2, :] = frame
+    found[:, :, -2:, :] = frame
+    found[:, :, :, :2] = frame
+    found[:, :, :, -2:] = frame
+    return image_grid(torch.cat([queries.float().expand(-1, 3, -1, -1), found]), nrow=len(found))

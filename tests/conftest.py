@@ -34,3 +34,17 @@ def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     write_shards(digits_samples(16), out, shard_size=64, classes=DIGITS_CLASSES, image_size=16)
     return out
+
+
+@pytest.fixture(scope="session")
+def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every case of tests/engine_runs.py at 2 ranks, from one torchrun (see there)."""
+    import torch
+    from engine_runs import CASES, runnable
+
+    from test_engines import REPO, torchrun
+
+    out = tmp_path_factory.mktemp("engine-runs") / "runs.pt"
+    runs = [run for run, _ in CASES.values() if runnable(run)]
+    torchrun(2, [str(REPO / "tests/dist_engine_runs.py"), str(out), *runs])
+    return torch.load(out)

@@ -1,14 +1,16 @@
-"""Under torchrun: SimCLR on a ResNet-18 (BatchNorm everywhere) takes STEPS optimizer steps on a fixed
-global batch through one engine; each rank feeds its slice of the images (both views). Rank 0 saves the
-losses and the whole state (parameters and BN running statistics), for the tests to compare with one
-process on the whole batch.
+"""Under torchrun: methods with BatchNorm in the encoder (SimCLR, MoCo v2 on a ResNet-18) take STEPS optimizer
+steps on a fixed global batch through one engine after another, in the same processes; each rank feeds its
+slice of the images (both views). Rank 0 saves each run's losses and whole state (parameters, BN running
+statistics, MoCo's queue), for the tests to compare with one process on the whole batch (`train_steps` in
+the test process).
 
-python -m torch.distributed.run --nproc-per-node N tests/dist_simclr_engines.py OUT --set k=v ...
+python -m torch.distributed.run --nproc-per-node 2 tests/dist_engine_runs.py OUT RUN...
+(each RUN is METHOD[,override...], e.g. moco_v2,engine.kind=fsdp)
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 import torch.distributed as dist
@@ -34,31 +36,59 @@ def simclr_overrides(*extra: str) -> list[str]:
     ]
 
 
-def global_views(step: int) -> list[torch.Tensor]:
+def moco_overrides(*extra: str) -> list[str]:
+    """A ResNet-18 with the small stem on 16 px images, BatchNorm groups of 2 and a queue of 20 keys: the 8
+    images of a step are 2 groups per rank at world size 2, and the queue wraps around at the third step.
+    (At 8 px the last stage's BatchNorms would normalize 2 values a channel, which amplifies ZeRO-3's float32
+    rounding past any useful tolerance.)"""
+    return [
+        "method.name=moco_v2",
+        "model.arch=resnet18",
+        "model.resnet_stem=small",
+        "data.image_size=16",
+        "data.batch_size=4",
+        "method.moco_v2.mlp_hidden_dim=32",
+        "method.moco_v2.proj_dim=16",
+        "method.moco_v2.queue_size=20",
+        "method.moco_v2.bn_group_size=2",
+        "method.moco_v2.momentum=0.9",
+        "run.device=cpu",
+        "optim.lr_scaling=none",
+        "optim.weight_decay=1e-4",
+        *extra,
+    ]
+
+
+OVERRIDES = {"simclr": simclr_overrides, "moco_v2": moco_overrides}
+
+
+def run_config(run: str, engines: bool = True):
+    """The config of RUN (METHOD[,override...]); without `engines`, its engine.* overrides are dropped
+    (the one-process reference)."""
+    from pretrain.recipes import load_config
+
+    method, *sets = run.split(",")
+    return load_config(None, OVERRIDES[method](*[s for s in sets if engines or not s.startswith("engine.")]))
+
+
+def global_views(step: int, size: int = 16) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(step)
-    return [torch.randn(IMAGES, 3, 16, 16, generator=generator) for _ in range(2)]
+    return [torch.randn(IMAGES, 3, size, size, generator=generator) for _ in range(2)]
 
 
-def main() -> None:
+def train_steps(cfg, world) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """STEPS optimizer steps of cfg's method through cfg's engine on this rank's slice of the global batch:
+    the losses (averaged over ranks) and the whole state (parameters and buffers) in float32 on the CPU.
+    Run it in float64 (torch.set_default_dtype): the comparison is then exact up to summation order (in
+    float32 the BatchNorms of a freshly initialized ResNet on noise amplify the rounding differences of
+    batch 8 vs 4 convolutions to ~1e-2)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from pretrain.distributed import destroy_distributed
     from pretrain.engines import ENGINES
     from pretrain.methods.registry import build_method
     from pretrain.optim import build_optimizer
-    from pretrain.recipes import load_config
-    from pretrain.runtime.world import world_from_env
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    cfg = load_config(None, simclr_overrides(*args.overrides))
-    world = world_from_env()
     engine = ENGINES[cfg.engine.kind](cfg, world)
-    # float64: the comparison is then exact up to summation order (in float32 the BatchNorms of a freshly
-    # initialized ResNet on noise amplify the rounding differences of batch 8 vs 4 convolutions to ~1e-2).
-    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     with engine.init_context():
         method = build_method(cfg)
@@ -69,11 +99,13 @@ def main() -> None:
     mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
     losses = []
     for step in range(STEPS):
-        batch = {"image": [view[mine].double() for view in global_views(step)]}
+        batch = {"image": [view[mine].double() for view in global_views(step, cfg.data.image_size)]}
         with engine.accumulate(model, True), engine.autocast():
             loss = model(batch)["loss"]
             engine.backward(loss)
         engine.optimizer_step(optimizer)
+        if method.ema_pairs():
+            engine.ema_update(method.ema_pairs(), method.ema_momentum(step + 1, STEPS))
         total = loss.detach().reshape(1).clone()
         if dist.is_initialized():
             dist.all_reduce(total)
@@ -81,13 +113,27 @@ def main() -> None:
     if cfg.engine.kind == "deepspeed":
         from pretrain.engines.deepspeed_checkpoint import consolidated_state
 
-        state = consolidated_state(engine.ds)
-        state = {**state["model"], **state["buffers"]}  # float32 master weights: compared loosely
+        state = consolidated_state(engine.ds)  # trained parameters (float32 masters: compared loosely), buffers
+        state = {**state["model"], **state["buffers"]}
     else:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state, _ = get_state_dict(model, optimizer, options=options)
+    return losses, {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+def main() -> None:
+    from pretrain.distributed import destroy_distributed
+    from pretrain.runtime.world import world_from_env
+
+    out, runs = sys.argv[1], sys.argv[2:]
+    torch.set_default_dtype(torch.float64)
+    world = world_from_env()
+    results = {}
+    for run in runs:
+        losses, state = train_steps(run_config(run), world)
+        results[run] = {"losses": losses, "state": state}
     if world.rank == 0:
-        torch.save({"losses": losses, "state": {k: v.detach().float().cpu() for k, v in state.items()}}, args.out)
+        torch.save(results, out)
     destroy_distributed()
 
 

@@ -1,4 +1,4 @@
-"""`pretrain bench` runs every recipe through the real train loop (tiny sizes on CPU) and writes its result,
+"""`pretrain bench` runs every method's recipe through the real train loop (tiny sizes on CPU) and writes its result,
 and real training logs TFLOP/s and MFU."""
 
 from __future__ import annotations
@@ -12,7 +12,21 @@ from pretrain.cli import main
 
 from tiny import tiny_overrides
 
-CONFIGS = sorted(Path("configs").glob("*.toml"))
+
+def one_recipe_per_method_and_backbone() -> list[Path]:
+    """Recipes of the same method on the same backbone (and, for DiT, in the same space) differ in sizes
+    and schedules only, which the tiny overrides replace; test_config.py loads and validates every one."""
+    from pretrain.recipes import load_config
+
+    chosen: dict[tuple, Path] = {}
+    for path in sorted(Path("configs").glob("*.toml")):
+        cfg = load_config(path)
+        section = getattr(cfg.method, cfg.method.name)
+        chosen.setdefault((cfg.method.name, cfg.model.arch, getattr(section, "space", None)), path)
+    return sorted(chosen.values())
+
+
+CONFIGS = one_recipe_per_method_and_backbone()
 # Every method's size knobs at once: each recipe reads its own and ignores the rest.
 TINY = [
     "model.size=tiny",
@@ -44,6 +58,10 @@ TINY = [
     "method.relative_patch.jitter=1",
     "method.inpainting.mask_size=16",
     "method.inpainting.disc_channels=16",
+    "method.moco_v1.bn_group_size=2",
+    "method.moco_v1.queue_size=64",
+    "method.moco_v2.bn_group_size=2",
+    "method.moco_v2.queue_size=64",
 ]
 
 

@@ -32,6 +32,13 @@ METHODS = {
         "method.moco.proj_dim=48",
         "method.moco.infonce_impl=reference",
     ],
+    "moco_v2": [
+        "method.name=moco_v2",
+        "method.moco_v2.shuffle_bn=false",
+        "method.moco_v2.queue_size=64",
+        "method.moco_v2.mlp_hidden_dim=96",
+        "method.moco_v2.proj_dim=48",
+    ],
     "dino": [
         "method.name=dino",
         "data.local_crops=3",
@@ -63,7 +70,12 @@ def small_batch(cfg) -> dict:
             "image": torch.randn(BATCH, channels, side, side, generator=gen),
             "label": torch.zeros(BATCH, dtype=torch.long),
         }
-    views = {"mae": [], "moco": [size, size], "dino": [size, size] + [cfg.data.local_crop_size] * cfg.data.local_crops}
+    views = {
+        "mae": [],
+        "moco": [size, size],
+        "moco_v2": [size, size],
+        "dino": [size, size] + [cfg.data.local_crop_size] * cfg.data.local_crops,
+    }
     sizes = views[cfg.method.name]
     if not sizes:
         return {"image": torch.randn(BATCH, 3, size, size, generator=gen)}

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from dist_simclr_engines import simclr_overrides
+from dist_engine_runs import simclr_overrides
 from dist_simclr_gather import global_embeddings
+from engine_runs import CASES, check_case
 
 from pretrain.config import ConfigError
 from pretrain.methods.simclr import nt_xent_loss
@@ -120,40 +121,14 @@ def test_mae_rejects_a_resnet() -> None:
         load_config(None, ["model.arch=resnet50"])
 
 
-# ddp and fsdp run in float64 (exact up to summation order); ZeRO-3 keeps float32 master weights, so its
-# AdamW steps differ by up to a fraction of the learning rate (1e-3) where gradients are near zero.
-TOLERANCES = {"zero3-adamw": {"rtol": 1e-4, "atol": 2e-4}}
-ENGINE_CASES = {
-    "ddp-lars": ["engine.kind=ddp", "optim.name=lars", "optim.base_lr=0.5"],
-    "fsdp-sgd": ["engine.kind=fsdp", "optim.name=sgd", "optim.base_lr=0.05", "optim.nesterov=true"],
-    "zero3-adamw": ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", "optim.base_lr=1e-3"],
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(ENGINE_CASES))
-def test_two_ranks_match_one_process_with_batch_norm(tmp_path, case) -> None:
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("simclr-")])
+def test_two_ranks_match_one_process_with_batch_norm(engine_runs, case) -> None:
     """Same global batch, same steps: parameters, BN running statistics and losses agree (the BN batch
     statistics and the negatives span both ranks)."""
-    sets = ENGINE_CASES[case]
-    if "engine.kind=deepspeed" in sets:
-        pytest.importorskip("deepspeed")
-    script = str(REPO / "tests/dist_simclr_engines.py")
-    single = [s for s in sets if not s.startswith("engine.")]
-    torchrun(1, [script, str(tmp_path / "one.pt"), *[a for s in single for a in ("--set", s)]])
-    torchrun(2, [script, str(tmp_path / "two.pt"), *[a for s in sets for a in ("--set", s)]])
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
-    assert len(set(one["losses"])) == len(one["losses"])  # it trains
-    for name, value in one["state"].items():
-        if name not in two["state"]:
-            assert "num_batches_tracked" not in name and "running" not in name, name
-            continue
-        tolerance = TOLERANCES.get(case, {"rtol": 1e-4, "atol": 1e-5})
-        torch.testing.assert_close(two["state"][name], value, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
-    assert any("running_var" in name for name in two["state"])
+    state = check_case(engine_runs, case)
     bn = "backbone.layer3.1.bn2.running_mean"
-    assert not torch.equal(one["state"][bn], torch.zeros_like(one["state"][bn]))
+    assert not torch.equal(state[bn], torch.zeros_like(state[bn]))
 
 
 @pytest.mark.parametrize("prefix", ["", "module.encoder_q."], ids=["torchvision", "moco_v2"])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.distributed import all_gather_cat_grad
+from pretrain.models.group_batch_norm import replace_batch_norms
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -66,25 +67,16 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def convert_to_global_batch_norm(module: nn.Module) -> nn.Module:
     """Every `nn.BatchNorm1d/2d/3d` (not already global) becomes a `GlobalBatchNorm` holding the same
-    tensors, in place; returns `module` (or the replacement when `module` itself is a BatchNorm)."""
+    tensors, in place; returns `module` (or the replacement when `module` itself is a BatchNorm). Other
+    `_BatchNorm` kinds (MoCo's `GroupBatchNorm`) keep their own statistics."""
     batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-    if isinstance(module, batch_norms) and not isinstance(module, GlobalBatchNorm):
-        converted = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-            device=_device_of(module),
-        )  # fmt: skip
-        converted.training = module.training
-        if module.affine:
-            converted.weight, converted.bias = module.weight, module.bias
-        if module.track_running_stats:
-            converted.running_mean, converted.running_var = module.running_mean, module.running_var
-            converted.num_batches_tracked = module.num_batches_tracked
-        return converted
-    for name, child in module.named_children():
-        replaced = convert_to_global_batch_norm(child)
-        if replaced is not child:
-            setattr(module, name, replaced)
-    return module
+    return replace_batch_norms(
+        module,
+        lambda m: isinstance(m, batch_norms) and not isinstance(m, GlobalBatchNorm),
+        lambda m: GlobalBatchNorm(
+            m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device=_device_of(m)
+        ),
+    )
 
 
 def has_batch_norm(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from pretrain.methods import (
     jigsaw,
     mae,
     moco,
+    moco_queue,
     relative_patch,
     rotation,
     simclr,
@@ -37,6 +38,8 @@ METHODS: dict[str, MethodSpec] = {
         inpainting.SPEC,
         colorization.SPEC,
         simclr.SPEC,
+        moco_queue.SPEC_V1,
+        moco_queue.SPEC_V2,
     )
 }
 

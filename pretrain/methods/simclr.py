@@ -34,7 +34,7 @@ from pretrain.methods.joint_embedding import (
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import init_moco_mlp, moco_mlp
 from pretrain.models.vit import VIT_SIZES
-from pretrain.visualize import denormalize, image_grid
+from pretrain.visualize import denormalize, match_grid
 
 
 @dataclass
@@ -115,15 +115,9 @@ class SimCLR(EncoderHooks, Method):
         nearest = similarity.argmax(dim=1)[: self.num_visuals]
         images = torch.cat([first, second]).float()
         shown = denormalize(images[: len(nearest)], self.image_mean, self.image_std)
-        found = denormalize(images[nearest], self.image_mean, self.image_std).expand(-1, 3, -1, -1).clone()
+        found = denormalize(images[nearest], self.image_mean, self.image_std)
         right = nearest == torch.arange(len(nearest), device=nearest.device) + n
-        color = torch.where(right[:, None], found.new_tensor([0.0, 0.8, 0.0]), found.new_tensor([0.9, 0.0, 0.0]))
-        found[:, :, :2, :] = color[:, :, None, None]
-        found[:, :, -2:, :] = color[:, :, None, None]
-        found[:, :, :, :2] = color[:, :, None, None]
-        found[:, :, :, -2:] = color[:, :, None, None]
-        grid = torch.cat([shown.expand(-1, 3, -1, -1), found])
-        return {"views_and_nearest": image_grid(grid, nrow=len(nearest))}
+        return {"views_and_nearest": match_grid(shown, found, right)}
 
 
 # ---------------------------------------------------------------------- the method's spec
