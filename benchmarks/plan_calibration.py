@@ -226,6 +226,8 @@ def compare(world_sizes: list[int], engines: str, batch_size: int, timeout: floa
     return rows
 
 
+# The ResNet cases shrink a recipe to a ResNet-18 (small stem) on 32 px.
+RESNET = ["model.arch=resnet18", "model.resnet_stem=small", "data.image_size=32", "eval.pool=mean"]
 METHOD_CONFIGS = (
     "configs/mae_vit_tiny_digits.toml",
     "configs/moco_v3_vit_tiny_digits.toml",
@@ -235,6 +237,10 @@ METHOD_CONFIGS = (
     "configs/rotation_vit_tiny_digits.toml",
     "configs/jigsaw_vit_tiny_digits.toml",
     "configs/relative_patch_vit_tiny_digits.toml",
+    "configs/moco_v2_vit_tiny_digits.toml",
+    ("configs/simclr_resnet50.toml", [*RESNET, "method.simclr.proj_hidden_dim=256"]),
+    ("configs/moco_v2_resnet50.toml", [*RESNET, "method.moco_v2.queue_size=4096", "method.moco_v2.bn_group_size=2"]),
+    ("configs/rotation_vit_tiny_digits.toml", [*RESNET, "method.rotation.pool=mean"]),
 )
 
 
@@ -256,20 +262,25 @@ def random_batch(cfg, batch_size: int) -> dict:
 
 def method_activations(batch_size: int) -> list[dict]:
     """Saved activations of each method's forward in one process, against the plan's closed forms."""
+    from pretrain.engines.batch_norm import convert_to_global_batch_norm
     from pretrain.methods.registry import build_method
     from pretrain.plan.method_models import activations_per_sample
     from pretrain.recipes import load_config
 
     rows = []
-    for config in METHOD_CONFIGS:
-        cfg = load_config(REPO / config, ["run.device=cpu", "train.precision=fp32", f"data.batch_size={batch_size}"])
+    for entry in METHOD_CONFIGS:
+        config, extra = entry if isinstance(entry, tuple) else (entry, [])
+        sets = ["run.device=cpu", "train.precision=fp32", f"data.batch_size={batch_size}", *extra]
+        cfg = load_config(REPO / config, sets)
         torch.manual_seed(0)
         method = build_method(cfg).train()
+        convert_to_global_batch_norm(method)  # as every engine does
         storages = {p.untyped_storage().data_ptr() for p in method.parameters()}
         _, measured = saved_activation_bytes(method, random_batch(cfg, batch_size), storages)
         planned = sum(activations_per_sample(cfg, 4, False).values()) * batch_size
         rows.append(
-            {"config": config, "method": cfg.method.name, "batch_size": batch_size, "activations": measured,
+            {"config": config, "overrides": extra, "method": cfg.method.name, "arch": cfg.model.arch,
+             "batch_size": batch_size, "activations": measured,
              "planned": planned, "measured_over_planned": measured / planned}
         )  # fmt: skip
     return rows

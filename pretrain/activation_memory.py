@@ -58,3 +58,43 @@ def layer_norm_bytes(tokens: int, dim: int, act: int) -> int:
 def global_bn_bytes(dim: int) -> int:
     # x.float(), its square, the normalized output and the affine's input: fp32
     return 4 * dim * STAT
+
+
+def batch_norm_bytes(channels: int, side: int) -> int:
+    """A training-mode BatchNorm as the engines run it (GlobalBatchNorm; MoCo's GroupBatchNorm alike) saves
+    three fp32 tensors of its input's size: the centred input twice (for the variance and the normalization)
+    and the normalized output the affine multiplies; its per-channel statistics are negligible."""
+    return 3 * channels * side * side * STAT
+
+
+def resnet_bytes(depth: int, image_size: int, in_chans: int, stem: str, act: int) -> int:
+    """Saved for backward by one image through our ResNet (pretrain/models/resnet.py) with the engines'
+    BatchNorm: the image (the first conv's input), each BatchNorm's three fp32 tensors, each in-place ReLU's
+    output (which is also the next convolution's saved input), and the max-pool's indices. The pooled
+    feature saves nothing. A ResNet refuses activation checkpointing, so there is no checkpointed form."""
+    from pretrain.models.resnet import RESNET_DEPTHS, STAGE_WIDTHS
+
+    kind, counts = RESNET_DEPTHS[depth]
+    expansion = 1 if kind == "basic" else 4
+    half = lambda side: (side + 1) // 2  # noqa: E731  every stride-2 conv and the max-pool: ceil(side / 2)
+    side = half(image_size) if stem == "imagenet" else image_size
+    total = in_chans * image_size**2 * act + batch_norm_bytes(64, side) + 64 * side**2 * act
+    if stem == "imagenet":
+        side = half(side)
+        total += 64 * side**2 * INDEX
+    planes_in = 64
+    for index, (planes, count) in enumerate(zip(STAGE_WIDTHS, counts)):
+        for block in range(count):
+            stride = 2 if index > 0 and block == 0 else 1
+            out_side, out_planes = (half(side) if stride == 2 else side), planes * expansion
+            if kind == "basic":
+                total += 2 * batch_norm_bytes(planes, out_side) + planes * out_side**2 * act
+            else:
+                total += batch_norm_bytes(planes, side) + planes * side**2 * act
+                total += batch_norm_bytes(planes, out_side) + planes * out_side**2 * act
+                total += batch_norm_bytes(out_planes, out_side)
+            if stride != 1 or planes_in != out_planes:
+                total += batch_norm_bytes(out_planes, out_side)
+            total += out_planes * out_side**2 * act  # the ReLU after the residual sum
+            side, planes_in = out_side, out_planes
+    return total

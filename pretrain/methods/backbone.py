@@ -9,7 +9,7 @@ ViT-only methods (MAE, MoCo v3, DINO) use the `*_vit_*` functions and reject oth
 
 from __future__ import annotations
 
-from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, vit_block
+from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, resnet_bytes, vit_block
 from pretrain.config import Config, ConfigError, check_choice
 from pretrain.flops import FlopCount, resnet_flops, vit_flops
 from pretrain.models.resnet import RESNET_DEPTHS, STAGE_WIDTHS, ResNet, build_resnet
@@ -152,12 +152,14 @@ def validate_pool(cfg: Config, pool: str, key: str) -> None:
         raise ConfigError(f"{key}: a ResNet's pooled feature is the global average ('mean'), got {pool!r}")
 
 
-def vit_encoder_activations(cfg: Config, size: int, count: int, act: int, checkpointing: bool) -> dict[str, int]:
-    """Saved by `count` inputs of `size` px through the ViT encoder per sample (tiles, patches, rotations):
-    the blocks, the patch embedding's input and the final norm; pooling saves nothing."""
+def encoder_activations(cfg: Config, size: int, count: int, act: int, checkpointing: bool) -> dict[str, int]:
+    """Saved by `count` inputs of `size` px through the encoder per sample (views, tiles, patches, rotations).
+    A ViT: the blocks, the patch embedding's input and the final norm; a ResNet: its convolutions' inputs,
+    BatchNorms and ReLUs (activation_memory.resnet_bytes). Pooling saves nothing."""
     model = cfg.model
     if model.arch != "vit":
-        raise ConfigError(f"model.arch: pretrain plan has no activation model of {cfg.method.name} on {model.arch!r}")
+        saved = resnet_bytes(resnet_depth(cfg), size, model.in_chans, model.resnet_stem, act)
+        return {f"encoder ({model.arch})": count * saved}
     dim, depth, heads = VIT_SIZES[model.size]
     tokens = (size // model.patch_size) ** 2 + 1
     return {

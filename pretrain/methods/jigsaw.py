@@ -32,10 +32,10 @@ from pretrain.methods.backbone import (
     backbone_width,
     build_backbone,
     classifier_head_activations,
+    encoder_activations,
     validate_backbone,
     validate_backbone_input,
     validate_pool,
-    vit_encoder_activations,
 )
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
@@ -260,9 +260,9 @@ def flops(cfg: Config) -> FlopCount:
 
 # One random resized crop (and flip) per image; tiles, jitter and the permutation are drawn in `forward`.
 def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
-    """Per sample (ViT only): the encoder on each tile, the head and the cross-entropy."""
+    """Per sample: the encoder on each tile, the head and the cross-entropy."""
     j = cfg.method.jigsaw
-    parts = vit_encoder_activations(cfg, j.tile_size, j.grid**2, act, checkpointing)
+    parts = encoder_activations(cfg, j.tile_size, j.grid**2, act, checkpointing)
     parts["head and loss"] = classifier_head_activations(
         j.grid**2 * backbone_width(cfg), j.head_hidden_dim, j.permutations, act
     )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.reader import derive_seed
-from pretrain.activation_memory import Collective
+from pretrain.activation_memory import STAT, Collective
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.distributed import all_gather_cat, rank
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
@@ -40,6 +40,7 @@ from pretrain.methods.backbone import (
     backbone_flops,
     backbone_width,
     build_backbone,
+    encoder_activations,
     validate_backbone,
     validate_pool,
 )
@@ -280,6 +281,21 @@ def _flops(cfg: Config, section: str) -> FlopCount:
     return encoder + logits + encoder.as_frozen()
 
 
+def _activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample: the query view through the encoder and head (the key encoder runs without gradient), the
+    normalized query and key in fp32, the log-softmax over 1 + K logits, and the queue copy the logits read,
+    a per-batch tensor spread over data.batch_size samples."""
+    moco = getattr(cfg.method, cfg.method.name)
+    width, proj = backbone_width(cfg), moco.proj_dim
+    head = width * act + ((moco.mlp_hidden_dim or width) * act if moco.mlp else 0) + proj * act
+    return {
+        **encoder_activations(cfg, cfg.data.image_size, 1, act, checkpointing),
+        "head": head,
+        "loss (query, key, log-softmax over 1 + K)": (2 * proj + moco.queue_size + 1) * STAT,
+        "queue copy (per batch, spread over its samples)": moco.queue_size * proj * STAT // cfg.data.batch_size,
+    }
+
+
 def _collectives(cfg: Config, micro_batch: int, act: int) -> list[Collective]:
     """The keys all-gathered to be enqueued, and with shuffle BN the key view's images gathered and the
     shuffled keys gathered back (forward only: the key encoder has no gradient)."""
@@ -304,6 +320,7 @@ def _spec(name: str, config: type) -> MethodSpec:
         validate=lambda cfg: _validate(cfg, name),
         device_transform=joint_embedding_device_transform,
         flops=lambda cfg: _flops(cfg, name),
+        activations=_activations,
         collectives=_collectives,
         averaged_network_runs_forward=True,
         crop_views=joint_embedding_crop_views,

@@ -31,10 +31,10 @@ from pretrain.methods.backbone import (
     backbone_width,
     build_backbone,
     classifier_head_activations,
+    encoder_activations,
     validate_backbone,
     validate_backbone_input,
     validate_pool,
-    vit_encoder_activations,
 )
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
@@ -242,9 +242,9 @@ def flops(cfg: Config) -> FlopCount:
 
 # One random resized crop (and flip) per image; the patch pair, jitter and color guard are drawn in `forward`.
 def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
-    """Per sample (ViT only): the encoder on each of the two patches, the head and the cross-entropy."""
+    """Per sample: the encoder on each of the two patches, the head and the cross-entropy."""
     r = cfg.method.relative_patch
-    parts = vit_encoder_activations(cfg, r.tile_size, 2, act, checkpointing)
+    parts = encoder_activations(cfg, r.tile_size, 2, act, checkpointing)
     parts["head and loss"] = classifier_head_activations(2 * backbone_width(cfg), r.head_hidden_dim, POSITIONS, act)
     return parts
 

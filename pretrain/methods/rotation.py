@@ -24,6 +24,7 @@ from pretrain.methods.backbone import (
     backbone_flops,
     backbone_width,
     build_backbone,
+    encoder_activations,
     validate_backbone,
     validate_pool,
 )
@@ -140,13 +141,15 @@ def flops(cfg: Config) -> FlopCount:
 
 
 def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
-    """Per sample: the encoder and head on each of the four rotations, and the cross-entropy (ViT only)."""
+    """Per sample: the encoder and head on each of the four rotations, and the cross-entropy."""
     data, model = cfg.data, cfg.model
+    hidden = cfg.method.rotation.head_hidden_dim
     if model.arch != "vit":
-        raise ConfigError(f"model.arch: pretrain plan has no activation model of rotation on {model.arch!r}")
+        parts = encoder_activations(cfg, data.image_size, ROTATIONS, act, checkpointing)
+        head = (backbone_width(cfg) + 2 * hidden) * act if hidden else backbone_width(cfg) * act
+        return {**parts, "head and loss": ROTATIONS * (head + 2 * ROTATIONS * STAT)}
     dim, depth, heads = VIT_SIZES[model.size]
     tokens = (data.image_size // model.patch_size) ** 2 + 1
-    hidden = cfg.method.rotation.head_hidden_dim
     head = (dim + 2 * hidden) * act if hidden else dim * act
     return {
         "encoder blocks": ROTATIONS

@@ -20,11 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.infonce import InfoNCEImpl, info_nce, nt_xent_indices
-from pretrain.activation_memory import STAT, Collective, blocks_bytes, global_bn_bytes, layer_norm_bytes, vit_block
+from pretrain.activation_memory import STAT, Collective, global_bn_bytes
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
 from pretrain.distributed import all_gather_cat_grad, rank
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
-from pretrain.methods.backbone import EncoderHooks, backbone_flops, backbone_width, build_backbone, validate_backbone
+from pretrain.methods.backbone import (
+    EncoderHooks,
+    backbone_flops,
+    backbone_width,
+    build_backbone,
+    encoder_activations,
+    validate_backbone,
+)
 from pretrain.methods.base import Method
 from pretrain.methods.joint_embedding import (
     joint_embedding_crop_views,
@@ -33,7 +40,6 @@ from pretrain.methods.joint_embedding import (
 )
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import init_moco_mlp, moco_mlp
-from pretrain.models.vit import VIT_SIZES
 from pretrain.visualize import denormalize, match_grid
 
 
@@ -176,21 +182,14 @@ def collectives(cfg: Config, micro_batch: int, act: int) -> list[Collective]:
 
 
 def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
-    """Per sample (two views through one encoder, ViT only): the blocks, the final norm, the 2-layer head with
-    its batch norms, and NT-Xent's saved rows."""
-    simclr, data, model = cfg.method.simclr, cfg.data, cfg.model
-    if model.arch != "vit":
-        raise ConfigError(f"model.arch: pretrain plan has no activation model of simclr on {model.arch!r}")
-    dim, depth, heads = VIT_SIZES[model.size]
-    tokens = (data.image_size // model.patch_size) ** 2 + 1
+    """Per sample (two views through one encoder): the encoder, the 2-layer head with its batch norms, and
+    NT-Xent's saved rows."""
+    simclr = cfg.method.simclr
     hidden, proj = simclr.proj_hidden_dim, simclr.proj_dim
-    head = dim * act + hidden * act + global_bn_bytes(hidden) + hidden * act
+    head = backbone_width(cfg) * act + hidden * act + global_bn_bytes(hidden) + hidden * act
     head += proj * act + (global_bn_bytes(proj) if simclr.proj_last_bn else 0)
     return {
-        "encoder blocks": 2
-        * blocks_bytes(vit_block(tokens, dim, heads, act), tokens * dim * act, depth, checkpointing),
-        "patch embedding input": 2 * model.in_chans * data.image_size**2 * act,
-        "final norm": 2 * layer_norm_bytes(tokens, dim, act),
+        **encoder_activations(cfg, cfg.data.image_size, 2, act, checkpointing),
         "projection head": 2 * head,
         "NT-Xent (embeddings, keys, log-sum-exp)": 2 * 3 * proj * STAT,
     }
