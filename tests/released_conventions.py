@@ -140,3 +140,12 @@ def teacher_temperatures(warmup: float, final: float, warmup_epochs: int, epochs
 def cosine_momentum(base: float, total: int) -> list[float]:
     """The released teacher momentum per iteration, indexed from 0: base at 0, toward 1 over `total`."""
     return [1 + 0.5 * (base - 1) * (1 + math.cos(math.pi * i / total)) for i in range(total)]
+
+
+def moco_v1_v2_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """The released MoCo v1/v2 forward after the encoders: unit q and k, l_pos = q.k, l_neg = q . queue with
+    the queue stored [dim, K], logits [l_pos, l_neg] / T; the loss is cross-entropy against index 0."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", q, queue)
+    return torch.cat([l_pos, l_neg], dim=1) / temperature

@@ -1,4 +1,4 @@
-"""`pretrain ckpt import`: files in the released MAE, DINO, MoCo v3 and DiT layouts (random weights, names and
+"""`pretrain ckpt import`: files in the released MAE, DINO, MoCo v1/v2/v3 and DiT layouts (random weights, names and
 shapes as the released code writes them) become our checkpoints, whose networks compute what a direct
 implementation of the released conventions computes on the file's tensors; wrong files fail clearly."""
 
@@ -21,7 +21,15 @@ from pretrain.config import ConfigError
 from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
-from released_conventions import dino_head, dino_loss, moco_mlp, moco_v3_loss, row_first_sincos_table, vit_cls
+from released_conventions import (
+    dino_head,
+    dino_loss,
+    moco_mlp,
+    moco_v1_v2_logits,
+    moco_v3_loss,
+    row_first_sincos_table,
+    vit_cls,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DIM, DEPTH, HEADS, PATCH, IMAGE = 192, 12, 3, 4, 16  # ViT-tiny/4 on 16 px: 16 patches
@@ -413,3 +421,54 @@ def test_inspect_reads_deepspeed_files_with_tensors_only(tmp_path):
     assert plain["zero_stage"] == 2 and plain["model"] == {"tensors": 1, "parameters": 12}
     unsafe = inspect_checkpoint(_deepspeed_dir(tmp_path / "unsafe", {"args": argparse.Namespace(x=1)}))["deepspeed"]
     assert "zero_stage" not in unsafe and "never executed" in unsafe["note"]
+
+
+# ------------------------------------------------------------------------------------------------ MoCo v1/v2
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_moco_v1_v2_file_gives_the_released_loss_and_queue_update(tmp_path, version):
+    """A main_moco.py checkpoint (ResNet-18 encoders with their fc heads, the queue stored [dim, K]) imported
+    into moco_v1 / moco_v2: on one GPU the released code normalizes the whole batch in each BatchNorm and its
+    shuffle then changes nothing, so with bn_group_size = the batch the loss is the released one on the
+    file's tensors, and the keys enter the queue at the file's pointer."""
+    from pretrain.models.resnet import build_resnet
+
+    gen = torch.Generator().manual_seed(version)
+    encoders = {}
+    for name in ("encoder_q", "encoder_k"):
+        net = build_resnet(18, num_classes=16, stem="small")
+        if version == 2:  # --mlp: fc becomes Linear(512, 512) -> ReLU -> the 512 -> 16 fc
+            net.fc = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), net.fc)
+        for tensor in net.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.05 + (1.0 if tensor.ndim == 1 else 0.0))
+        encoders[name] = net
+    queue = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=0)
+    state = {f"module.{n}.{k}": v for n, net in encoders.items() for k, v in net.state_dict().items()}
+    state |= {"module.queue": queue, "module.queue_ptr": torch.tensor([6])}
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, tmp_path / "moco.pth.tar")
+    section = f"method.moco_v{version}"
+    sets = ["model.arch=resnet18", "model.resnet_stem=small", "data.image_size=16", "data.batch_size=4"]
+    sets += [f"method.name=moco_v{version}", f"{section}.proj_dim=16", f"{section}.queue_size=8"]
+    sets += [f"{section}.bn_group_size=4", "data.shards=/nonexistent"]
+    import_checkpoint(f"moco_v{version}", tmp_path / "moco.pth.tar", None, tmp_path / "run", sets)
+    _, method, _ = load_method(tmp_path / "run")
+    method.train()
+    for net in encoders.values():
+        net.train()
+    views = [images(4), images(4).flip(-1)]
+    loss = method({"image": views})["loss"]
+    with torch.no_grad():
+        logits = moco_v1_v2_logits(
+            encoders["encoder_q"](views[0]), encoders["encoder_k"](views[1]), queue, method.temperature
+        )
+        expected = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+        keys = torch.nn.functional.normalize(encoders["encoder_k"](views[1]), dim=1)
+    assert method.temperature == (0.07 if version == 1 else 0.2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the released _dequeue_and_enqueue writes queue[:, ptr:ptr + 4] = keys.T (it requires K to be a multiple
+    # of the batch; from pointer 6 of 8 ours wraps around)
+    torch.testing.assert_close(method.queue[[6, 7, 0, 1]], keys, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(method.queue[2:6], queue.T[2:6])
+    assert int(method.queue_ptr) == 2

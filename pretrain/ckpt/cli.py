@@ -3,7 +3,7 @@
     pretrain ckpt inspect PATH [--json]
     pretrain ckpt export PATH --out FILE.safetensors [--part encoder|model] [--dtype float32|bfloat16|float16] [--force]
     pretrain ckpt convert PATH --to dcp|deepspeed --out DIR
-    pretrain ckpt import --from mae|dino|moco_v3|dit FILE --config CONFIG --out DIR [--set KEY=VALUE ...]
+    pretrain ckpt import --from mae|dino|moco_v1|moco_v2|moco_v3|dit|torchvision_resnet FILE --config CONFIG --out DIR [--set KEY=VALUE ...]
 
 PATH is a checkpoint directory (`runs/<name>/checkpoints/step_XXXXXXXX`), or a run or checkpoints
 directory, which stands for its latest complete checkpoint.

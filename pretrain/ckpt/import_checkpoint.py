@@ -29,7 +29,15 @@ from pretrain.recipes import load_config
 from pretrain.rng import seed_everything
 
 # --from value -> the method.name its file belongs to
-SOURCES = {"mae": "mae", "dino": "dino", "moco_v3": "moco", "dit": "dit", "torchvision_resnet": "simclr"}
+SOURCES = {
+    "mae": "mae",
+    "dino": "dino",
+    "moco_v1": "moco_v1",
+    "moco_v2": "moco_v2",
+    "moco_v3": "moco",
+    "dit": "dit",
+    "torchvision_resnet": "simclr",
+}
 
 
 @dataclass
@@ -257,9 +265,39 @@ def map_torchvision_resnet(raw: Any, cfg: Config) -> Mapped:
     return out
 
 
+def map_moco_v1_v2(raw: Any, cfg: Config) -> Mapped:
+    """A released MoCo v1/v2 checkpoint (facebookresearch/moco main_moco.py: `state_dict` with `module.`
+    encoder_q.*, encoder_k.*, queue [dim, K] and queue_ptr) into the whole method, so training goes on from
+    it: each encoder's torchvision-layout ResNet into `backbone.` / `key_backbone.`, its `fc` (v1: one Linear;
+    v2: fc.0 -> ReLU -> fc.2) into `head.` / `key_head.` (the same indices), the queue transposed to our
+    [K, dim]. The shuffle counter is not in the file and starts at 0."""
+    if cfg.model.arch == "vit":
+        raise ValueError(f"--from {cfg.method.name} needs a config with model.arch = 'resnet18' or 'resnet50'")
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict) or "module.encoder_q.conv1.weight" not in state:
+        raise ValueError(f"not a released MoCo v1/v2 checkpoint: no module.encoder_q.conv1.weight ({_keys(state)})")
+    state = _strip("module.", state)
+    out = Mapped()
+    for ours, theirs in (("backbone.", "encoder_q."), ("key_backbone.", "encoder_k.")):
+        head = "head." if ours == "backbone." else "key_head."
+        for key, value in _strip(theirs, state).items():
+            if key.startswith("fc."):
+                rest = key.removeprefix("fc.")
+                out.tensors[head + (rest if rest[0].isdigit() else f"0.{rest}")] = value
+            else:
+                out.tensors[ours + key] = value
+    out.tensors["queue"] = state["queue"].T
+    out.tensors["queue_ptr"] = state["queue_ptr"].reshape(())
+    out.absent.append("key_batches")
+    out.notes.append("the shuffle counter (key_batches) is not in the file: it starts at 0")
+    return out
+
+
 MAPPERS: dict[str, Callable[[Any, Config], Mapped]] = {
     "mae": map_mae,
     "dino": map_dino,
+    "moco_v1": map_moco_v1_v2,
+    "moco_v2": map_moco_v1_v2,
     "moco_v3": map_moco_v3,
     "dit": map_dit,
     "torchvision_resnet": map_torchvision_resnet,
