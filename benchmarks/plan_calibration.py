@@ -235,6 +235,8 @@ METHOD_CONFIGS = (
     "configs/rotation_vit_tiny_digits.toml",
     "configs/jigsaw_vit_tiny_digits.toml",
     "configs/relative_patch_vit_tiny_digits.toml",
+    "configs/inpainting_vit_tiny_digits.toml",
+    "configs/colorization_vit_tiny_digits.toml",
 )
 
 
@@ -256,13 +258,17 @@ def random_batch(cfg, batch_size: int) -> dict:
 
 def method_activations(batch_size: int) -> list[dict]:
     """Saved activations of each method's forward in one process, against the plan's closed forms."""
-    from pretrain.methods.registry import build_method
+    from pretrain.methods.registry import METHODS, build_method
     from pretrain.plan.method_models import activations_per_sample
     from pretrain.recipes import load_config
 
     rows = []
     for config in METHOD_CONFIGS:
-        cfg = load_config(REPO / config, ["run.device=cpu", "train.precision=fp32", f"data.batch_size={batch_size}"])
+        settings = ["run.device=cpu", "train.precision=fp32", f"data.batch_size={batch_size}"]
+        cfg = load_config(REPO / config, settings)
+        synthetic = METHODS[cfg.method.name].synthetic_overrides  # random images: no shards to count on
+        if synthetic is not None and synthetic(cfg):
+            cfg = load_config(REPO / config, [*settings, *synthetic(cfg)])
         torch.manual_seed(0)
         method = build_method(cfg).train()
         storages = {p.untyped_storage().data_ptr() for p in method.parameters()}

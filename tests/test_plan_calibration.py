@@ -50,6 +50,8 @@ def test_every_methods_activations_match_the_closed_forms():
         "rotation",
         "jigsaw",
         "relative_patch",
+        "inpainting",
+        "colorization",
     }
     for row in rows:
         assert abs(row["measured_over_planned"] - 1) <= ACTIVATION_TOLERANCE, row

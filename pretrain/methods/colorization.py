@@ -64,6 +64,7 @@ from data_pipeline.decode import IMAGE_EXTENSIONS, decode_image
 from data_pipeline.lab import lab_to_rgb, rgb_to_lab
 from data_pipeline.reader import ShardFailure, read_shard
 from data_pipeline.shardlist import resolve_shards
+from pretrain.activation_memory import INDEX, STAT
 from pretrain.config import Config, ConfigError, bounded
 from pretrain.flops import FlopCount, linear_flops
 from pretrain.methods.backbone import (
@@ -74,6 +75,7 @@ from pretrain.methods.backbone import (
     build_backbone,
     resnet_stride,
     validate_backbone,
+    vit_encoder_activations,
     vit_width,
 )
 from pretrain.methods.base import Method
@@ -571,6 +573,28 @@ def flops(cfg: Config) -> FlopCount:
     return total
 
 
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample (ViT only): the L network and its decoder (a copy of the patch tokens, and GELU's input and
+    output for an MLP), the fp32 log-softmax over the Q bins and the soft targets it is multiplied by, and
+    each predicted pixel's class weight; split-brain adds the ab network, its decoder, the log-softmax over
+    the L bins and the int64 targets."""
+    c, size = cfg.method.colorization, cfg.data.image_size
+    cells = (size // c.downsample) ** 2
+    decoder = (size // cfg.model.patch_size) ** 2 * (vit_width(cfg) + 2 * c.decoder_hidden_dim) * act
+    parts = {
+        f"L network {k}": v
+        for k, v in vit_encoder_activations(with_in_chans(cfg, 1), size, 1, act, checkpointing).items()
+    }
+    parts["ab decoder"] = decoder
+    parts["ab loss"] = (2 * bin_count(cfg) + 1) * cells * STAT
+    if c.split_brain:
+        ab_net = vit_encoder_activations(with_in_chans(cfg, 2), size, 1, act, checkpointing)
+        parts |= {f"ab network {k}": v for k, v in ab_net.items()}
+        parts["L decoder"] = decoder
+        parts["L loss"] = cells * (c.l_bins * STAT + INDEX)
+    return parts
+
+
 def synthetic_overrides(cfg: Config) -> list[str]:
     """Without shards there are no pixels to count the bins and the prior on: the gamut's bins, a uniform prior."""
     c = cfg.method.colorization
@@ -587,6 +611,7 @@ SPEC = MethodSpec(
     validate=validate,
     device_transform=single_crop_device_transform,
     flops=flops,
+    activations=activations,
     crop_views=single_crop_views,
     synthetic_overrides=synthetic_overrides,
 )

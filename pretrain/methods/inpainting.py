@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.activation_memory import STAT
 from pretrain.config import Config, ConfigError, bounded
 from pretrain.flops import FlopCount, linear_flops
 from pretrain.methods.backbone import (
@@ -43,6 +44,7 @@ from pretrain.methods.backbone import (
     build_backbone,
     resnet_stride,
     validate_backbone,
+    vit_encoder_activations,
     vit_width,
 )
 from pretrain.methods.base import Method
@@ -302,6 +304,37 @@ def decoder_flops(cfg: Config) -> float:
     return sum(linear_flops(tokens, a, b) for a, b in zip(dims[:-1], dims[1:]))
 
 
+def discriminator_activations(side: int, channels: int, layers: int, act: int) -> int:
+    """One `PatchDiscriminator` pass on a side x side region, its input not included: the first conv's output
+    (the LeakyReLU's input) and the LeakyReLU's output (the next conv's input); each further layer's conv output
+    (GroupNorm's input), GroupNorm's output and the LeakyReLU's output, and its fp32 mean and rstd per group;
+    the final logits (softplus's input)."""
+    side //= 2
+    total = 2 * channels * side * side * act
+    width = channels
+    for _ in range(1, layers):
+        side //= 2
+        width *= 2
+        total += 3 * width * side * side * act + 2 * min(32, width) * STAT
+    return total + side * side * act
+
+
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample (ViT only): the encoder on the masked image, the token decoder, the fill and the L2 on the
+    hole, and the discriminator's three passes (real, detached fill, fill through frozen weights), each of
+    which also keeps its whole input image (the region is a view of it: the original and the filled image)."""
+    i, size, channels = cfg.method.inpainting, cfg.data.image_size, cfg.model.in_chans
+    parts = vit_encoder_activations(cfg, size, 1, act, checkpointing)
+    tokens = (size // cfg.model.patch_size) ** 2
+    # The decoder's input is a copy of the patch tokens (the cls row sliced off); an MLP adds GELU's in and out.
+    parts["decoder"] = tokens * (vit_width(cfg) + 2 * i.decoder_hidden_dim) * act
+    # The mask (fp32) that multiplies the prediction and the L2, and the fp32 difference the square keeps.
+    parts["fill and L2"] = size * size * STAT + channels * size * size * STAT
+    disc = discriminator_activations(judged_side(cfg), i.disc_channels, i.disc_layers, act)
+    parts["discriminator"] = 3 * disc + 2 * channels * size * size * act
+    return parts
+
+
 # One random resized crop (and flip) per image; the mask is drawn in `forward`.
 SPEC = MethodSpec(
     "inpainting",
@@ -311,5 +344,6 @@ SPEC = MethodSpec(
     validate=validate,
     device_transform=single_crop_device_transform,
     flops=flops,
+    activations=activations,
     crop_views=single_crop_views,
 )
