@@ -237,6 +237,8 @@ METHOD_CONFIGS = (
     "configs/rotation_vit_tiny_digits.toml",
     "configs/jigsaw_vit_tiny_digits.toml",
     "configs/relative_patch_vit_tiny_digits.toml",
+    "configs/inpainting_vit_tiny_digits.toml",
+    "configs/colorization_vit_tiny_digits.toml",
     "configs/moco_v2_vit_tiny_digits.toml",
     ("configs/simclr_resnet50.toml", [*RESNET, "method.simclr.proj_hidden_dim=256"]),
     ("configs/moco_v2_resnet50.toml", [*RESNET, "method.moco_v2.queue_size=4096", "method.moco_v2.bn_group_size=2"]),
@@ -263,15 +265,18 @@ def random_batch(cfg, batch_size: int) -> dict:
 def method_activations(batch_size: int) -> list[dict]:
     """Saved activations of each method's forward in one process, against the plan's closed forms."""
     from pretrain.engines.batch_norm import convert_to_global_batch_norm
-    from pretrain.methods.registry import build_method
+    from pretrain.methods.registry import METHODS, build_method
     from pretrain.plan.method_models import activations_per_sample
     from pretrain.recipes import load_config
 
     rows = []
     for entry in METHOD_CONFIGS:
         config, extra = entry if isinstance(entry, tuple) else (entry, [])
-        sets = ["run.device=cpu", "train.precision=fp32", f"data.batch_size={batch_size}", *extra]
-        cfg = load_config(REPO / config, sets)
+        settings = ["run.device=cpu", "train.precision=fp32", f"data.batch_size={batch_size}", *extra]
+        cfg = load_config(REPO / config, settings)
+        synthetic = METHODS[cfg.method.name].synthetic_overrides  # random images: no shards to count on
+        if synthetic is not None and synthetic(cfg):
+            cfg = load_config(REPO / config, [*settings, *synthetic(cfg)])
         torch.manual_seed(0)
         method = build_method(cfg).train()
         convert_to_global_batch_norm(method)  # as every engine does

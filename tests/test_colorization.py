@@ -5,12 +5,17 @@ kept in the checkpointed buffers, split-brain's concatenated features, pictures,
 from __future__ import annotations
 
 import math
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_pipeline.lab import lab_to_rgb, rgb_to_lab
+from data_pipeline.shard_writer import write_shards
+from data_pipeline.sources import Sample
 from pretrain.config import ConfigError
 from pretrain.methods.colorization import (
     annealed_mean,
@@ -33,7 +38,10 @@ COLOR = [
     "model.patch_size=4",
     "data.image_size=16",
     "method.colorization.prior_images=0",
+    "method.colorization.bins=gamut",
 ]
+# The cheap ResNet: ResNet-18 with the small stem (a 2 x 2 feature map of 16 px), a narrow up-convolution.
+RESNET = ["model.arch=resnet18", "model.resnet_stem=small", "method.colorization.conv_decoder_width=16"]
 
 # sRGB -> L*a*b* (D65, 2 degrees) from the standard formulas, as tabulated by common references
 # (Bruce Lindbloom's calculator, colormine): pure primaries, white, black and mid-gray 0.5.
@@ -142,11 +150,18 @@ def test_prior_counted_on_training_shards_and_checkpointed(digit_shards):
         build_method(load_config(None, [*COLOR, 'data.shards="/tmp/hc-none"', "method.colorization.prior_images=5"]))
 
 
-@pytest.mark.parametrize("split_brain", [False, True])
-def test_loss_features_pictures_and_flops(split_brain):
-    cfg = load_config(None, [*COLOR, f"method.colorization.split_brain={str(split_brain).lower()}"])
+@pytest.mark.parametrize(("split_brain", "arch"), [(False, "vit"), (True, "vit"), (True, "resnet18")])
+def test_loss_features_pictures_and_flops(split_brain, arch):
+    """Either backbone: on the ResNet the heads up-convolve its 1/8 feature map to the 1/4 predictions."""
+    resnet = RESNET if arch == "resnet18" else []
+    cfg = load_config(None, [*COLOR, *resnet, f"method.colorization.split_brain={str(split_brain).lower()}"])
     method = build_method(cfg)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1.5, 1.5)
+    lab = to_lab(images, method.encoder.image_mean, method.encoder.image_std)
+    assert method.predict_ab_logits(lab).shape == (2, len(method.bins), 4, 4)
+    nets = [method.l_net, *([method.ab_net] if split_brain else [])]  # what the engines wrap: blocks or stages
+    expected = [b for net in nets for b in (net.stages() if arch == "resnet18" else [net.blocks])]
+    assert method.transformer_blocks() == expected
     out = method({"image": images})
     assert torch.isfinite(out["loss"]) and (("l_loss" in out) == split_brain)
     out["loss"].backward()
@@ -193,8 +208,46 @@ def test_ab_loss_is_rebalanced_cross_entropy():
         ("method.colorization.downsample=3", "method.colorization.downsample"),
         ("method.colorization.rebalance=1.5", "method.colorization.rebalance"),
         ("model.in_chans=1", "model.in_chans"),
+        ("method.colorization.bins=data", "method.colorization.bins: 'data' takes the bins the training pixels"),
+        (RESNET + ["method.colorization.downsample=16"], "method.colorization.downsample: .* 16 must divide 8"),
+        (RESNET + ["data.image_size=20"], "data.image_size: 20 px is not a multiple of the ResNet's stride 8"),
     ],
 )
 def test_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
-        load_config(None, [*COLOR, override])
+        load_config(None, [*COLOR, *(override if isinstance(override, list) else [override])])
+
+
+@pytest.fixture(scope="module")
+def color_shards(tmp_path_factory):
+    """6 train images of 8 x 8 random colors (PNG, lossless), and the RGB arrays they hold."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(6)]
+    samples = [Sample(f"img{i}", Image.fromarray(a), 0, "train") for i, a in enumerate(arrays)]
+    out = tmp_path_factory.mktemp("colors")
+    write_shards(samples, out, shard_size=4)
+    return out, arrays
+
+
+def test_data_bins_are_the_cells_the_training_pixels_occupy(color_shards):
+    """bins = "data": the bin set and the prior are a direct count of the first prior_images images' cells."""
+    shards, arrays = color_shards
+    cfg = load_config(
+        None, [*COLOR, f'data.shards="{shards}"', "method.colorization.prior_images=5", "method.colorization.bins=data"]
+    )
+    method = build_method(cfg)
+    # Directly: each pixel of the first 5 images (the 6th is not counted) to its cell, a pixel at a time.
+    direct = Counter()
+    for array in arrays[:5]:
+        lab = rgb_to_lab(torch.from_numpy(array).permute(2, 0, 1).float() / 255)  # as the reader decodes
+        for a, b in lab[1:].flatten(1).T.tolist():
+            direct[(10.0 * round(a / 10), 10.0 * round(b / 10))] += 1
+    assert sorted(direct) == [tuple(b) for b in method.bins.tolist()]  # full_grid order: a major, b minor
+    expected = torch.tensor([direct[tuple(b)] for b in method.bins.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(method.prior.double(), expected / expected.sum(), rtol=1e-6, atol=0)
+    assert len(method.bins) != len(gamut_bins(10, 110)) and method.class_weights.shape == (len(method.bins),)
+    # The head has one logit per counted bin, and the FLOP count reads the same set.
+    assert method.ab_decoder.out_features == len(method.bins)  # patch 4 at downsample 4: one cell a token
+    forward = flops_per_sample(cfg)["forward"]
+    gamut = flops_per_sample(load_config(None, [*COLOR, f'data.shards="{shards}"']))["forward"]
+    assert forward != gamut

@@ -22,6 +22,9 @@ INPAINTING = [
     "method.inpainting.disc_channels=8",
     "method.inpainting.disc_layers=2",
 ]
+# The cheap ResNet: ResNet-18 with the small stem (a 2 x 2 feature map of 16 px), a narrow conv decoder.
+RESNET = ["model.arch=resnet18", "model.resnet_stem=small", "method.inpainting.conv_decoder_width=16"]
+ARCHS = {"vit": [], "resnet18": RESNET}
 
 
 def test_masks():
@@ -53,10 +56,15 @@ def test_reconstruction_loss_counts_only_the_hole():
     assert masked_l2(target * mask + prediction * (1 - mask), target, mask) == 0
 
 
-def test_encoder_is_blind_to_the_hole_and_the_loss_is_the_hole_l2():
-    method = build_method(load_config(None, INPAINTING))
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_encoder_is_blind_to_the_hole_and_the_loss_is_the_hole_l2(arch):
+    method = build_method(load_config(None, [*INPAINTING, *ARCHS[arch]]))
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     mask = method.draw_mask(images)
+    assert method.predict(images, mask).shape == images.shape  # the ResNet's decoder: 2 x 2 -> 16 x 16
+    encoder = method.inference_network()  # what kNN and the probe read, and what the engines wrap
+    assert encoder is method.backbone and encoder.forward_features(images).shape == (2, encoder.embed_dim)
+    assert method.transformer_blocks() == (encoder.stages() if arch == "resnet18" else [encoder.blocks])
     changed = images + 5 * mask * torch.randn_like(images)
     torch.testing.assert_close(method.predict(changed, mask), method.predict(images, mask), rtol=0, atol=0)
     terms = method.losses(images)
@@ -65,9 +73,11 @@ def test_encoder_is_blind_to_the_hole_and_the_loss_is_the_hole_l2():
     assert picture.dtype == torch.uint8 and picture.shape[-1] == 3
 
 
-@pytest.mark.parametrize("mask", ["center", "random_blocks"])
-def test_each_term_moves_only_its_own_network(mask):
-    cfg = load_config(None, [*INPAINTING, f"method.inpainting.mask={mask}", "method.inpainting.block_size=4"])
+@pytest.mark.parametrize(("mask", "arch"), [("center", "vit"), ("random_blocks", "vit"), ("center", "resnet18")])
+def test_each_term_moves_only_its_own_network(mask, arch):
+    cfg = load_config(
+        None, [*INPAINTING, *ARCHS[arch], f"method.inpainting.mask={mask}", "method.inpainting.block_size=4"]
+    )
     method = build_method(cfg)
     images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     generator_params = [*method.backbone.parameters(), *method.decoder.parameters()]
@@ -98,11 +108,12 @@ def test_each_term_moves_only_its_own_network(mask):
     assert float(out["gen_adv_loss"]) == pytest.approx(float(terms["gen_adv"].detach()))
 
 
-def test_flop_count_matches_the_counter():
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_flop_count_matches_the_counter(arch):
     """Forward exactly as FlopCounterMode counts it; training within 1%: 3 x forward of what trains overcounts
     the input gradients nobody needs (pixels, the real region), the frozen discriminator pass's backward to the
     fill is not counted."""
-    cfg = load_config(None, [*INPAINTING, "method.inpainting.decoder_hidden_dim=24"])
+    cfg = load_config(None, [*INPAINTING, *ARCHS[arch], "method.inpainting.decoder_hidden_dim=24"])
     method = build_method(cfg).train()
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     analytic = flops_per_sample(cfg)
@@ -128,3 +139,9 @@ def test_bad_settings_fail_naming_the_key_and_sizes():
         match="method.inpainting.disc_layers: 4 stride-2 layers need a judged region of at least 16 px, the discriminator sees 8 px",
     ):
         load_config(None, [*INPAINTING, "method.inpainting.disc_layers=4"])
+    with pytest.raises(ConfigError, match="data.image_size: .* 20 px must be a multiple of its stride 8"):
+        load_config(None, [*INPAINTING, *RESNET, "data.image_size=20"])
+    with pytest.raises(ConfigError, match="data.image_size: .* a ResNet needs at least 32 px; got 16"):
+        load_config(None, [*INPAINTING, *RESNET, "model.resnet_stem=imagenet"])
+    with pytest.raises(ConfigError, match="engine.activation_checkpointing"):
+        load_config(None, [*INPAINTING, *RESNET, "engine.activation_checkpointing=true"])

@@ -50,6 +50,8 @@ def test_every_methods_activations_match_the_closed_forms():
         "rotation",
         "jigsaw",
         "relative_patch",
+        "inpainting",
+        "colorization",
         "moco_v2",
     }
     assert {r["method"] for r in rows if r["arch"] != "vit"} == {"simclr", "moco_v2", "rotation"}

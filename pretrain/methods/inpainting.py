@@ -12,10 +12,15 @@ fill) sees the fill *detached*, so it moves only the discriminator; G_adv (the n
 goes through the discriminator by `torch.func.functional_call` with detached parameters, so it moves only
 the encoder and decoder.
 
-The paper's encoder-decoder is convolutional (AlexNet-style encoder, channel-wise fully connected layer, up-
-convolutions); here the encoder is the `model.*` ViT on the masked image (removed pixels set to the data
-mean, 0 after normalization, as the paper fills them with the mean) and the decoder maps each patch token to
-its pixels. kNN and the linear probe evaluate the ViT on whole images.
+The encoder is the `model.*` backbone on the masked image (removed pixels set to the data mean, 0 after
+normalization, as the paper fills them with the mean). On a ViT the decoder maps each patch token to its
+pixels (a linear layer or an MLP). On a ResNet (`model.arch = "resnet18" | "resnet50"`) the decoder is the
+paper's kind: the last stage's feature map (1/8 of the input with the small stem, 1/32 with the ImageNet
+one) through 4x4 stride-2 up-convolutions with BatchNorm and ReLU back to the input's size, and a 1x1
+convolution to pixels (`pretrain/models/conv_decoder.py`). Both predict the whole image and the loss reads
+the hole, for either mask. The paper's AlexNet encoder and its channel-wise fully connected bottleneck are
+not here: the ResNet's receptive field already spans the small inputs this runs on. kNN and the linear probe
+evaluate the encoder on whole images.
 """
 
 from __future__ import annotations
@@ -29,13 +34,25 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.activation_memory import STAT
 from pretrain.config import Config, ConfigError, bounded
 from pretrain.flops import FlopCount, linear_flops
-from pretrain.methods.backbone import build_vit_backbone, validate_vit_backbone, vit_backbone_flops, vit_width
+from pretrain.methods.backbone import (
+    EncoderHooks,
+    backbone_flops,
+    backbone_width,
+    build_backbone,
+    encoder_activations,
+    resnet_stride,
+    validate_backbone,
+    vit_width,
+)
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
 from pretrain.methods.vae import PatchDiscriminator
+from pretrain.models.conv_decoder import UpsamplingDecoder, upsampling_decoder_flops
+from pretrain.models.resnet import ResNet
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VisionTransformer, unpatchify
 from pretrain.visualize import denormalize, image_grid
@@ -56,8 +73,10 @@ class InpaintingConfig:
     adv_weight: float = bounded(0.001, ge=0)
     disc_channels: int = bounded(64, gt=0)
     disc_layers: int = bounded(3, gt=0)
-    # The decoder on each patch token: 0 = one linear layer to its pixels, > 0 = an MLP with this hidden width.
+    # ViT: the decoder on each patch token: 0 = one linear layer to its pixels, > 0 = an MLP of this hidden width.
     decoder_hidden_dim: int = bounded(0, ge=0)
+    # ResNet: channels of the decoder's first up-convolution, halved at each further one (at least 32).
+    conv_decoder_width: int = bounded(256, gt=0)
 
 
 def center_mask(batch: int, size: int, region: int, device: torch.device | None = None) -> Tensor:
@@ -102,12 +121,21 @@ def token_decoder(width: int, hidden_dim: int, pixels: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, pixels))
 
 
-class ContextEncoder(Method):
+def pixel_decoder(backbone: VisionTransformer | ResNet, hidden_dim: int, conv_width: int) -> nn.Module:
+    """Per token to its patch's pixels (ViT), or up-convolutions from the feature map (ResNet)."""
+    channels = backbone.in_chans
+    if isinstance(backbone, ResNet):
+        stages = backbone.stride.bit_length() - 1
+        return UpsamplingDecoder(backbone.embed_dim, channels, stages, conv_width)
+    return token_decoder(backbone.embed_dim, hidden_dim, backbone.patch_size**2 * channels)
+
+
+class ContextEncoder(EncoderHooks, Method):
     num_visuals = 8
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: VisionTransformer | ResNet,
         mask: str = "center",
         mask_size: int = 64,
         blocks: int = 4,
@@ -117,14 +145,14 @@ class ContextEncoder(Method):
         disc_channels: int = 64,
         disc_layers: int = 3,
         decoder_hidden_dim: int = 0,
+        conv_decoder_width: int = 256,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        patch, channels = backbone.patch_size, backbone.in_chans
-        self.decoder = token_decoder(backbone.embed_dim, decoder_hidden_dim, patch * patch * channels)
-        self.discriminator = PatchDiscriminator(channels, disc_channels, disc_layers)
+        self.decoder = pixel_decoder(backbone, decoder_hidden_dim, conv_decoder_width)
+        self.discriminator = PatchDiscriminator(backbone.in_chans, disc_channels, disc_layers)
         self.mask_kind, self.mask_size, self.blocks, self.block_size = mask, mask_size, blocks, block_size
         self.rec_weight, self.adv_weight = rec_weight, adv_weight
         self.image_mean, self.image_std = mean, std
@@ -133,19 +161,13 @@ class ContextEncoder(Method):
     @torch.no_grad()
     def init_weights(self) -> None:
         self.backbone.init_weights()
-        self.decoder.apply(init_linear_and_norm)
+        if isinstance(self.decoder, UpsamplingDecoder):
+            self.decoder.init_weights()
+        else:
+            self.decoder.apply(init_linear_and_norm)
         for module in self.discriminator.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-
-    def inference_network(self) -> VisionTransformer:
-        return self.backbone
-
-    def transformer_blocks(self) -> list[nn.ModuleList]:
-        return [self.backbone.blocks]
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
 
     def draw_mask(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         batch, size = images.shape[0], images.shape[-1]
@@ -155,6 +177,8 @@ class ContextEncoder(Method):
 
     def predict(self, images: Tensor, mask: Tensor) -> Tensor:
         """Pixels [B, C, H, W] predicted from the image with the masked pixels set to the mean (0)."""
+        if isinstance(self.backbone, ResNet):
+            return self.decoder(self.backbone.forward_feature_map(images * (1 - mask)))
         tokens = self.backbone.forward_tokens(images * (1 - mask))[:, 1:]
         return unpatchify(self.decoder(tokens), self.backbone.patch_size, images.shape[1])
 
@@ -202,8 +226,13 @@ def judged_side(cfg: Config) -> int:
 
 
 def validate(cfg: Config) -> None:
-    validate_vit_backbone(cfg)
+    validate_backbone(cfg)
     inpainting, size = cfg.method.inpainting, cfg.data.image_size
+    if cfg.model.arch != "vit" and size % resnet_stride(cfg):
+        raise ConfigError(
+            f"data.image_size: the decoder doubles the ResNet's feature map back to the input, so {size} px must "
+            f"be a multiple of its stride {resnet_stride(cfg)} (model.resnet_stem={cfg.model.resnet_stem!r})"
+        )
     if cfg.data.local_crops:
         raise ConfigError(f"data.local_crops: inpainting uses one crop per image, got {cfg.data.local_crops}")
     if inpainting.mask == "center" and inpainting.mask_size >= size:
@@ -224,7 +253,7 @@ def validate(cfg: Config) -> None:
 def build(cfg: Config) -> ContextEncoder:
     i = cfg.method.inpainting
     return ContextEncoder(
-        build_vit_backbone(cfg),
+        build_backbone(cfg),
         i.mask,
         i.mask_size,
         i.blocks,
@@ -234,6 +263,7 @@ def build(cfg: Config) -> ContextEncoder:
         i.disc_channels,
         i.disc_layers,
         i.decoder_hidden_dim,
+        i.conv_decoder_width,
         mean=cfg.data.mean,
         std=cfg.data.std,
     )
@@ -255,13 +285,56 @@ def flops(cfg: Config) -> FlopCount:
     the fill is left out of the training count, which about offsets the input gradients the 3 x forward rule
     counts but nobody computes (the pixels', the real region's): within 1% of torch's counter in the tests."""
     i, model = cfg.method.inpainting, cfg.model
-    tokens = (cfg.data.image_size // model.patch_size) ** 2
+    disc = patch_discriminator_flops(judged_side(cfg), model.in_chans, i.disc_channels, i.disc_layers)
+    return backbone_flops(cfg, cfg.data.image_size) + FlopCount(decoder_flops(cfg) + 2 * disc, disc)
+
+
+def decoder_flops(cfg: Config) -> float:
+    i, model, size = cfg.method.inpainting, cfg.model, cfg.data.image_size
+    if model.arch != "vit":
+        stride = resnet_stride(cfg)
+        stages = stride.bit_length() - 1
+        return upsampling_decoder_flops(
+            backbone_width(cfg), model.in_chans, size // stride, stages, i.conv_decoder_width
+        )
+    tokens = (size // model.patch_size) ** 2
     pixels = model.patch_size**2 * model.in_chans
     width = vit_width(cfg)
     dims = [width, i.decoder_hidden_dim, pixels] if i.decoder_hidden_dim else [width, pixels]
-    decoder = sum(linear_flops(tokens, a, b) for a, b in zip(dims[:-1], dims[1:]))
-    disc = patch_discriminator_flops(judged_side(cfg), model.in_chans, i.disc_channels, i.disc_layers)
-    return vit_backbone_flops(cfg, cfg.data.image_size) + FlopCount(decoder + 2 * disc, disc)
+    return sum(linear_flops(tokens, a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
+def discriminator_activations(side: int, channels: int, layers: int, act: int) -> int:
+    """One `PatchDiscriminator` pass on a side x side region, its input not included: the first conv's output
+    (the LeakyReLU's input) and the LeakyReLU's output (the next conv's input); each further layer's conv output
+    (GroupNorm's input), GroupNorm's output and the LeakyReLU's output, and its fp32 mean and rstd per group;
+    the final logits (softplus's input)."""
+    side //= 2
+    total = 2 * channels * side * side * act
+    width = channels
+    for _ in range(1, layers):
+        side //= 2
+        width *= 2
+        total += 3 * width * side * side * act + 2 * min(32, width) * STAT
+    return total + side * side * act
+
+
+def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
+    """Per sample (ViT only): the encoder on the masked image, the token decoder, the fill and the L2 on the
+    hole, and the discriminator's three passes (real, detached fill, fill through frozen weights), each of
+    which also keeps its whole input image (the region is a view of it: the original and the filled image)."""
+    if cfg.model.arch != "vit":  # the conv decoder's activations are not modelled yet
+        raise ConfigError(f"model.arch: pretrain plan has no activation model of inpainting on {cfg.model.arch!r}")
+    i, size, channels = cfg.method.inpainting, cfg.data.image_size, cfg.model.in_chans
+    parts = encoder_activations(cfg, size, 1, act, checkpointing)
+    tokens = (size // cfg.model.patch_size) ** 2
+    # The decoder's input is a copy of the patch tokens (the cls row sliced off); an MLP adds GELU's in and out.
+    parts["decoder"] = tokens * (vit_width(cfg) + 2 * i.decoder_hidden_dim) * act
+    # The mask (fp32) that multiplies the prediction and the L2, and the fp32 difference the square keeps.
+    parts["fill and L2"] = size * size * STAT + channels * size * size * STAT
+    disc = discriminator_activations(judged_side(cfg), i.disc_channels, i.disc_layers, act)
+    parts["discriminator"] = 3 * disc + 2 * channels * size * size * act
+    return parts
 
 
 # One random resized crop (and flip) per image; the mask is drawn in `forward`.
@@ -273,5 +346,6 @@ SPEC = MethodSpec(
     validate=validate,
     device_transform=single_crop_device_transform,
     flops=flops,
+    activations=activations,
     crop_views=single_crop_views,
 )

@@ -152,10 +152,24 @@ class ResNet(nn.Module):
         """The globally average-pooled output of the last stage [B, embed_dim]: a ResNet's only pooled feature."""
         if pool != "mean":
             raise ValueError(f"a ResNet's pooled feature is the global average (pool='mean'), got pool={pool!r}")
+        return torch.flatten(self.forward_feature_map(x).mean(dim=(2, 3)), 1)
+
+    @property
+    def stride(self) -> int:
+        """The feature map's downsampling: 32 with the ImageNet stem, 8 with the small one."""
+        return 32 if self.stem == "imagenet" else 8
+
+    @property
+    def in_chans(self) -> int:
+        return self.conv1.in_channels
+
+    def forward_feature_map(self, x: Tensor) -> Tensor:
+        """The last stage's output before pooling [B, embed_dim, H / stride, W / stride]: what dense heads
+        (inpainting's decoder, colorization's upsampling head) read."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in self.stages():
             x = stage(x)
-        return torch.flatten(x.mean(dim=(2, 3)), 1)
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.forward_features(x)
