@@ -9,6 +9,7 @@ from __future__ import annotations
 from pretrain.config import Config, MethodConfig, check_choice, with_sections
 from pretrain.methods import (
     colorization,
+    cpc,
     dino,
     dit,
     inpainting,
@@ -37,6 +38,7 @@ METHODS: dict[str, MethodSpec] = {
         inpainting.SPEC,
         colorization.SPEC,
         simclr.SPEC,
+        cpc.SPEC,
     )
 }
 
