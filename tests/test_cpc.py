@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError
-from pretrain.methods.cpc import cut_patch_grid
+from pretrain.methods.cpc import CPC, cut_patch_grid
 from pretrain.methods.registry import build_method, flops_per_sample
 from pretrain.models.resnet import build_resnet
 from pretrain.recipes import load_config
@@ -38,8 +38,23 @@ TINY = [
 
 def tiny_cpc(*extra: str):
     torch.manual_seed(0)
-    method = build_method(load_config(None, [*TINY, *extra])).double()
-    return method
+    return build_method(load_config(None, [*TINY, *extra]))
+
+
+class TinyEncoder(torch.nn.Module):
+    """A stand-in for the ResNet where only the loss is under test: one conv, ReLU, global mean (8-d)."""
+
+    embed_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def init_weights(self) -> None:
+        self.conv.reset_parameters()
+
+    def forward_features(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
 
 
 def cpc_formula(context, z, predictors, offsets, emb_scale) -> torch.Tensor:
@@ -68,7 +83,9 @@ def test_cpc_loss_is_the_papers_formula(impl) -> None:
     """The method's loss (encoder, both directions, both offsets, through kernels.infonce) equals the formula
     applied to the same latent grid read top-down and bottom-up (the grid flipped in both axes); so do the
     gradients into the encoder."""
-    method = tiny_cpc("method.cpc.directions=2", f"method.cpc.infonce_impl={impl}")
+    torch.manual_seed(0)
+    method = CPC(TinyEncoder(), 8, 4, 8, 4, 2, 6, 5, offsets=(1, 2), directions=2, color_drop=False, infonce_impl=impl)
+    method = method.double()
     images = torch.randn(2, 3, 20, 20, dtype=torch.float64)
     loss = method({"image": images})["loss"]
     grads = torch.autograd.grad(loss, list(method.encoder.parameters()))
@@ -86,16 +103,37 @@ def test_cpc_loss_is_the_papers_formula(impl) -> None:
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
     # chance: all 2 x 16 targets alike, log(32) per offset and direction
     same = {"image": torch.zeros(2, 3, 20, 20, dtype=torch.float64)}
-    assert float(method(same)["loss"]) == pytest.approx(4 * math.log(32), rel=1e-6)
+    assert float(method(same)["loss"].detach()) == pytest.approx(4 * math.log(32), rel=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["layer", "batch"])
-def test_the_context_at_row_i_never_sees_lower_rows(norm) -> None:
-    """Through the gradients, from the patches' pixels: the context at row i (top-down) depends on every row
-    <= i and on no row > i; the bottom-up direction the other way round. With batch norm in the encoder, batch
-    statistics carry the lower rows into every row (why CPC v2 uses layer norm)."""
-    method = tiny_cpc("method.cpc.directions=2", f"model.resnet_norm={norm}")
-    patches = cut_patch_grid(torch.randn(2, 3, 20, 20, dtype=torch.float64), 4, 8, 4).clone().requires_grad_(True)
+def test_the_negatives_are_every_ranks_patches(monkeypatch) -> None:
+    """As rank 1 of 2 (the gather faked in one process): the keys are both ranks' targets, rank 0's first, and
+    each query's positive is its own target in rank 1's half."""
+    from pretrain.methods import cpc
+
+    torch.manual_seed(1)
+    other, mine = torch.randn(2, 2, 3, 3, 4, dtype=torch.float64)
+    predictions = [torch.randn(2, 3 - k, 3, 4, dtype=torch.float64) for k in (1, 2)]
+    monkeypatch.setattr(cpc, "rank", lambda: 1)
+    monkeypatch.setattr(cpc, "all_gather_cat_grad", lambda t: torch.cat([other.flatten(0, 2), t]))
+    losses = cpc.cpc_losses(predictions, mine, [1, 2], 0.1, "tiled")
+    z = torch.cat([other, mine])
+    for k, p, loss in zip((1, 2), predictions, losses):
+        terms = []
+        for b in range(2):
+            for i in range(3 - k):
+                for j in range(3):
+                    logits = 0.1 * (z @ p[b, i, j])  # [4, 3, 3]: every patch of both ranks
+                    terms.append(torch.logsumexp(logits.flatten(), 0) - logits[2 + b, i + k, j])
+        torch.testing.assert_close(loss, sum(terms) / len(terms), rtol=1e-10, atol=1e-12)
+
+
+def test_the_context_at_row_i_never_sees_lower_rows() -> None:
+    """Through the gradients, from the patches' pixels through the ResNet (layer norm): the context at row i
+    (top-down) depends on rows i - 2..i (2 blocks) and on no row > i, exactly; the bottom-up direction the
+    other way round."""
+    method = tiny_cpc("method.cpc.directions=2")
+    patches = cut_patch_grid(torch.randn(1, 3, 20, 20), 4, 8, 4).clone().requires_grad_(True)
     latents = method.encoder.encode_patches(patches)
     top_down = method.predictors[0].context(latents)
     bottom_up = torch.rot90(method.predictors[1].context(torch.rot90(latents, 2, dims=(2, 3))), -2, dims=(2, 3))
@@ -103,14 +141,18 @@ def test_the_context_at_row_i_never_sees_lower_rows(norm) -> None:
         (down,) = torch.autograd.grad(top_down[:, :, i].sum(), patches, retain_graph=True)
         (up,) = torch.autograd.grad(bottom_up[:, :, i].sum(), patches, retain_graph=True)
         rows_down, rows_up = down.abs().sum(dim=(0, 2, 3, 4, 5)), up.abs().sum(dim=(0, 2, 3, 4, 5))
-        if norm == "layer":  # 2 blocks: each reaches one more row up, so rows i - 2..i are seen
-            assert torch.all(rows_down[i + 1 :] == 0) and torch.all(rows_down[max(0, i - 2) : i + 1] > 0), (
-                i,
-                rows_down,
-            )
-            assert torch.all(rows_up[:i] == 0) and torch.all(rows_up[i : i + 3] > 0), (i, rows_up)
-        elif i < 3:
-            assert torch.all(rows_down[i + 1 :] > 0)
+        assert torch.all(rows_down[i + 1 :] == 0) and torch.all(rows_down[max(0, i - 2) : i + 1] > 0), (i, rows_down)
+        assert torch.all(rows_up[:i] == 0) and torch.all(rows_up[i : i + 3] > 0), (i, rows_up)
+
+
+def test_batch_norm_in_the_encoder_lets_the_top_row_see_the_rest() -> None:
+    """Why CPC v2 uses layer norm: with batch norm (training mode) every patch is normalized by statistics
+    over all of them, so the context of row 0 has a gradient from every lower row."""
+    method = tiny_cpc("model.resnet_norm=batch", "method.cpc.directions=1")
+    patches = cut_patch_grid(torch.randn(1, 3, 20, 20), 4, 8, 4).clone().requires_grad_(True)
+    context = method.predictors[0].context(method.encoder.encode_patches(patches))
+    (grad,) = torch.autograd.grad(context[:, :, 0].sum(), patches)
+    assert torch.all(grad.abs().sum(dim=(0, 2, 3, 4, 5))[1:] > 0)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +166,7 @@ def test_the_context_at_row_i_never_sees_lower_rows(norm) -> None:
         (["method.cpc.patch_stride=9"], "method.cpc.patch_stride: 9 px is more than method.cpc.patch_size 8"),
         (["model.resnet_stem=imagenet", "data.image_size=32"], "method.cpc.patch_size: 8 px is smaller than the 32 px"),
         (
-            ["model.arch=vit", "model.patch_size=3"],
+            ["model.arch=vit", "model.patch_size=3", "data.image_size=21"],
             "method.cpc.patch_size: 8 px is not a multiple of model.patch_size 3",
         ),
         (["method.cpc.last_offset=4"], "method.cpc.last_offset: 4 rows ahead"),
@@ -186,4 +228,4 @@ def test_cpc_on_a_vit_encoder() -> None:
     )
     loss = method({"image": torch.randn(2, 3, 20, 20)})["loss"]
     loss.backward()
-    assert math.isfinite(float(loss)) and next(method.encoder.backbone.blocks.parameters()).grad is not None
+    assert math.isfinite(float(loss.detach())) and next(method.encoder.backbone.blocks.parameters()).grad is not None
