@@ -6,6 +6,7 @@ shape.
     python benchmarks/ssl_digits.py --methods jigsaw    # one pretext task (rotation, jigsaw, relative_patch, ...;
                                                         # colorization runs but is not benchmarked: the digits are gray)
     python benchmarks/ssl_digits.py --methods dino --steps 50
+    python benchmarks/ssl_digits.py --methods cpc       # CPC v2 on a ResNet-18 (layer norm) over a patch grid
 
 Each method runs its digits demo config (configs/*_digits.toml) unchanged apart from paths; the table and
 a JSON record (device, versions, seconds per method) go to benchmarks/results/ssl_digits_cpu.json. Rows of
@@ -40,6 +41,7 @@ CONFIGS = {
     "dino": ROOT / "configs" / "dino_vit_tiny_digits.toml",
     "simclr": ROOT / "configs" / "simclr_vit_tiny_digits.toml",
     "moco_v2": ROOT / "configs" / "moco_v2_vit_tiny_digits.toml",
+    "cpc": ROOT / "configs" / "cpc_v2_resnet18_digits.toml",
     "rotation": ROOT / "configs" / "rotation_vit_tiny_digits.toml",
     "jigsaw": ROOT / "configs" / "jigsaw_vit_tiny_digits.toml",
     "relative_patch": ROOT / "configs" / "relative_patch_vit_tiny_digits.toml",

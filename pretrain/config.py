@@ -42,6 +42,9 @@ BackboneArch = Literal["vit", "resnet18", "resnet50"]
 # ResNet stem: imagenet (7x7 stride-2 conv + max-pool) | small (3x3 stride-1 conv, no max-pool: the CIFAR
 # convention of the SimCLR paper's appendix B.9, for 32 px and digit-sized images).
 ResNetStem = Literal["imagenet", "small"]
+# ResNet normalization: batch (torchvision's BatchNorm2d) | layer (a layer norm over each sample's channels and
+# space in every BN's place, same parameter names; CPC v2's encoder, Henaff et al. 2019 section 4.1).
+ResNetNorm = Literal["batch", "layer"]
 
 
 class UserError(Exception):
@@ -138,7 +141,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """The encoder backbone of the methods that pretrain one (MAE, MoCo v3, DINO, SimCLR): a ViT (the fields
-    below `resnet_zero_init_residual`) or a ResNet; DiT and the VAE have their own."""
+    below `resnet_norm`) or a ResNet; DiT and the VAE have their own."""
 
     # vit | resnet18 | resnet50 (torchvision's layout, pretrain/models/resnet.py). Methods say which they take.
     arch: BackboneArch = "vit"
@@ -146,6 +149,8 @@ class ModelConfig:
     resnet_stem: ResNetStem = "imagenet"
     # ResNet only: start each residual block's last BN scale at 0 (Goyal et al. 2017); torchvision's default off.
     resnet_zero_init_residual: bool = False
+    # ResNet only: see ResNetNorm.
+    resnet_norm: ResNetNorm = "batch"
     # tiny | small | base | large | huge (pretrain/models/vit.py: VIT_SIZES).
     size: str = "base"
     patch_size: int = bounded(16, gt=0)

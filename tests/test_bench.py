@@ -62,6 +62,14 @@ TINY = [
     "method.moco_v1.queue_size=64",
     "method.moco_v2.bn_group_size=2",
     "method.moco_v2.queue_size=64",
+    # CPC: a 3x3 grid of 8 px patches over the 32 px image, which a ResNet reads only with the small stem
+    "model.resnet_stem=small",
+    "method.cpc.grid=3",
+    "method.cpc.patch_size=8",
+    "method.cpc.patch_stride=8",
+    "method.cpc.first_offset=1",
+    "method.cpc.last_offset=2",
+    "method.cpc.context_dim=16",
 ]
 
 

@@ -44,7 +44,12 @@ def resnet_stride(cfg: Config) -> int:
 def build_resnet_backbone(cfg: Config) -> ResNet:
     model = cfg.model
     return build_resnet(
-        resnet_depth(cfg), 0, model.in_chans, stem=model.resnet_stem, zero_init_residual=model.resnet_zero_init_residual
+        resnet_depth(cfg),
+        0,
+        model.in_chans,
+        stem=model.resnet_stem,
+        zero_init_residual=model.resnet_zero_init_residual,
+        norm=model.resnet_norm,
     )
 
 

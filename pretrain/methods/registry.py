@@ -9,6 +9,7 @@ from __future__ import annotations
 from pretrain.config import Config, MethodConfig, check_choice, with_sections
 from pretrain.methods import (
     colorization,
+    cpc,
     dino,
     dit,
     inpainting,
@@ -40,6 +41,7 @@ METHODS: dict[str, MethodSpec] = {
         simclr.SPEC,
         moco_queue.SPEC_V1,
         moco_queue.SPEC_V2,
+        cpc.SPEC,
     )
 }
 

@@ -9,7 +9,10 @@ The `small` stem is the CIFAR convention of the SimCLR paper's appendix (B.9): t
 becomes a 3x3 stride-1 conv and the max-pool is removed, for 32 x 32 (and digit-sized) inputs.
 
 Plain modules: BatchNorm is torch's `nn.BatchNorm2d`; the engines make its batch statistics global
-(pretrain/models/global_bn.py), the model knows nothing of ranks.
+(pretrain/models/global_bn.py), the model knows nothing of ranks. `norm="layer"` puts a layer norm in every
+BN's place (CPC v2, Henaff et al. 2019, section 4.1: batch statistics tie the patches of an image together
+and let CPC cheat): `nn.GroupNorm` with one group, normalizing each sample over channels and space, with a
+per-channel scale and shift, under the same names (bn1, downsample.1, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import ResNetStem
+from pretrain.config import ResNetNorm, ResNetStem
 
 # depth -> (block kind, blocks per stage)
 RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -27,19 +30,24 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
+def norm_layer(channels: int, norm: ResNetNorm = "batch") -> nn.Module:
+    """What sits where torchvision has a BatchNorm2d: that, or a layer norm over (C, H, W) of each sample."""
+    return nn.BatchNorm2d(channels) if norm == "batch" else nn.GroupNorm(1, channels)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: ResNetNorm = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes, norm)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes, norm)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride, norm)
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         return self.bn2
 
     def forward(self, x: Tensor) -> Tensor:
@@ -54,19 +62,19 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: ResNetNorm = "batch") -> None:
         super().__init__()
         width = planes
         self.conv1 = nn.Conv2d(in_planes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(width, norm)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = norm_layer(width, norm)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion, norm)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride, norm)
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         return self.bn3
 
     def forward(self, x: Tensor) -> Tensor:
@@ -77,10 +85,10 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
+def _downsample(in_planes: int, out_planes: int, stride: int, norm: ResNetNorm = "batch") -> nn.Sequential | None:
     if stride == 1 and in_planes == out_planes:
         return None
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), norm_layer(out_planes, norm))
 
 
 class ResNet(nn.Module):
@@ -91,12 +99,15 @@ class ResNet(nn.Module):
         in_chans: int = 3,
         stem: ResNetStem = "imagenet",
         zero_init_residual: bool = False,
+        norm: ResNetNorm = "batch",
     ) -> None:
         super().__init__()
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"ResNet depth {depth} is not one of {sorted(RESNET_DEPTHS)}")
         if stem not in ("imagenet", "small"):
             raise ValueError(f"ResNet stem {stem!r} is not 'imagenet' or 'small'")
+        if norm not in ("batch", "layer"):
+            raise ValueError(f"ResNet norm {norm!r} is not 'batch' or 'layer'")
         kind, counts = RESNET_DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.depth, self.stem, self.zero_init_residual = depth, stem, zero_init_residual
@@ -106,14 +117,14 @@ class ResNet(nn.Module):
         else:
             self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm_layer(64, norm)
         self.relu = nn.ReLU(inplace=True)
         in_planes = 64
         for index, (planes, count) in enumerate(zip(STAGE_WIDTHS, counts)):
             blocks = []
             for b in range(count):
                 stride = 2 if index > 0 and b == 0 else 1
-                blocks.append(block(in_planes, planes, stride))
+                blocks.append(block(in_planes, planes, stride, norm))
                 in_planes = planes * block.expansion
             # nn.Sequential keeps torchvision's names (layer1.0.conv1) and is a ModuleList the engines can wrap.
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
@@ -135,6 +146,9 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
                 module.reset_running_stats()
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
                 module.reset_parameters()
         if self.zero_init_residual:
@@ -177,6 +191,11 @@ class ResNet(nn.Module):
 
 
 def build_resnet(
-    depth: int, num_classes: int = 0, in_chans: int = 3, stem: ResNetStem = "imagenet", zero_init_residual: bool = False
+    depth: int,
+    num_classes: int = 0,
+    in_chans: int = 3,
+    stem: ResNetStem = "imagenet",
+    zero_init_residual: bool = False,
+    norm: ResNetNorm = "batch",
 ) -> ResNet:
-    return ResNet(depth, num_classes, in_chans, stem, zero_init_residual)
+    return ResNet(depth, num_classes, in_chans, stem, zero_init_residual, norm)
