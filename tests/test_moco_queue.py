@@ -68,6 +68,7 @@ def test_group_batch_norm_is_batch_norm_on_each_group() -> None:
     grouped.eval(), plain[0].eval()
     plain[0].load_state_dict(grouped.state_dict())
     torch.testing.assert_close(grouped(x), plain[0](x))
+    torch.testing.assert_close(grouped(x[:5]), plain[0](x[:5]))  # evaluation batches need not be whole groups
     with pytest.raises(ValueError, match="a batch of 6 is not a whole number of groups of 4"):
         grouped.train()(x[:6])
 

@@ -11,8 +11,8 @@ against a queue of K keys from earlier batches.
 - The loss is the paper's equation (1): each query's positive is its own key, its negatives are the K
   queue keys (not the other keys of its batch), at temperature tau; one direction, not symmetrized.
 - Shuffle BN: the released encoders keep each GPU's BatchNorm statistics to its own 32 images, and the
-  key encoder gets the batch permuted across GPUs, so a query and its key are never normalized among the
-  same images (which would let the model find its positive by their shared statistics). Here BatchNorm
+  key encoder gets the batch permuted across GPUs, so a key is normalized among other images than its
+  query (shared statistics would let the model find its positive by them, the paper's "cheating"). Here BatchNorm
   statistics are over fixed groups of `bn_group_size` samples (pretrain/models/group_batch_norm.py), and
   the key encoder sees the global batch under a permutation drawn from the run seed and a counter, the
   same at any world size; so a run is the same on 1 process or 8.

@@ -37,7 +37,7 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"GroupBatchNorm expects (N, C, ...) input, got {x.dim()}-D")
-        if x.shape[0] % self.group_size:
+        if self.training and x.shape[0] % self.group_size:  # eval mode reads running statistics: any batch
             raise ValueError(
                 f"GroupBatchNorm: a batch of {x.shape[0]} is not a whole number of groups of {self.group_size}"
             )
