@@ -31,6 +31,7 @@ from pretrain.methods.backbone import (
     build_backbone,
     encoder_activations,
     validate_backbone,
+    validate_pool,
 )
 from pretrain.methods.base import Method
 from pretrain.methods.joint_embedding import (
@@ -131,11 +132,7 @@ class SimCLR(EncoderHooks, Method):
 
 def validate(cfg: Config) -> None:
     validate_backbone(cfg)
-    if cfg.model.arch != "vit" and cfg.method.simclr.pool != "mean":
-        raise ConfigError(
-            f"method.simclr.pool: a ResNet's pooled feature is the global average ('mean'), got "
-            f"{cfg.method.simclr.pool!r}"
-        )
+    validate_pool(cfg, cfg.method.simclr.pool, "method.simclr.pool")
     if cfg.data.local_crops:
         raise ConfigError(f"data.local_crops: SimCLR uses exactly two views, got {cfg.data.local_crops}; set 0")
 
