@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
@@ -47,6 +47,7 @@ from pretrain.methods.tiles import (
     tile_origins,
     validate_tile_grid,
 )
+from pretrain.models.heads import classifier_head
 from pretrain.models.resnet import ResNet
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VisionTransformer
@@ -106,12 +107,6 @@ def _greedy_selection(count: int, tiles: int, seed: int) -> Tensor:  # seconds f
     return candidates[chosen].long()
 
 
-def jigsaw_head(in_dim: int, hidden_dim: int, classes: int) -> nn.Module:
-    if hidden_dim == 0:
-        return nn.Linear(in_dim, classes)
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, classes))
-
-
 class JigsawPuzzles(EncoderHooks, Method):
     num_visuals = 8
 
@@ -135,7 +130,7 @@ class JigsawPuzzles(EncoderHooks, Method):
         self.backbone = backbone
         self.image_size, self.grid, self.tile_size, self.gap, self.jitter = image_size, grid, tile_size, gap, jitter
         self.num_permutations, self.permutation_seed = permutations, permutation_seed
-        self.head = jigsaw_head(grid * grid * backbone.embed_dim, head_hidden_dim, permutations)
+        self.head = classifier_head(grid * grid * backbone.embed_dim, head_hidden_dim, permutations)
         self.pool, self.normalize_tiles = pool, normalize_tiles
         self.image_mean, self.image_std = mean, std
         # Saved with every checkpoint: evaluation and resume read the set the run trained with.

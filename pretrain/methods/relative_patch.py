@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.config import Config, ConfigError, FeaturePool, bounded
@@ -40,6 +40,7 @@ from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
 from pretrain.methods.tiles import assemble_tiles, extract_tiles, tile_origins, validate_tile_grid
+from pretrain.models.heads import classifier_head
 from pretrain.models.resnet import ResNet
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VisionTransformer
@@ -108,12 +109,6 @@ def drop_colors(tiles: Tensor, generator: torch.Generator | None = None) -> Tens
     return torch.where(chosen, flat, noise).reshape(tiles.shape)
 
 
-def pair_head(width: int, hidden_dim: int) -> nn.Module:
-    if hidden_dim == 0:
-        return nn.Linear(2 * width, POSITIONS)
-    return nn.Sequential(nn.Linear(2 * width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, POSITIONS))
-
-
 class RelativePatchLocation(EncoderHooks, Method):
     num_visuals = 8
 
@@ -132,7 +127,7 @@ class RelativePatchLocation(EncoderHooks, Method):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = pair_head(backbone.embed_dim, head_hidden_dim)
+        self.head = classifier_head(2 * backbone.embed_dim, head_hidden_dim, POSITIONS)
         self.image_size, self.tile_size, self.gap, self.jitter = image_size, tile_size, gap, jitter
         self.chroma, self.pool = chroma, pool
         self.image_mean, self.image_std = mean, std

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.activation_memory import STAT, blocks_bytes, layer_norm_bytes, vit_block
@@ -31,6 +31,7 @@ from pretrain.methods.backbone import (
 from pretrain.methods.base import Method
 from pretrain.methods.image_crops import single_crop_device_transform, single_crop_transform, single_crop_views
 from pretrain.methods.spec import MethodSpec
+from pretrain.models.heads import classifier_head
 from pretrain.models.resnet import ResNet
 from pretrain.models.transformer import init_linear_and_norm
 from pretrain.models.vit import VIT_SIZES, VisionTransformer
@@ -57,12 +58,6 @@ def rotate_batch(images: Tensor) -> tuple[Tensor, Tensor]:
     return rotated, labels
 
 
-def rotation_head(width: int, hidden_dim: int) -> nn.Module:
-    if hidden_dim == 0:
-        return nn.Linear(width, ROTATIONS)
-    return nn.Sequential(nn.Linear(width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, ROTATIONS))
-
-
 class RotationPrediction(EncoderHooks, Method):
     num_visuals = 8
 
@@ -76,7 +71,7 @@ class RotationPrediction(EncoderHooks, Method):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = rotation_head(backbone.embed_dim, head_hidden_dim)
+        self.head = classifier_head(backbone.embed_dim, head_hidden_dim, ROTATIONS)
         self.pool = pool
         self.image_mean, self.image_std = mean, std
         self.init_weights()

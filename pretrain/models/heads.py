@@ -1,4 +1,4 @@
-"""Projection and prediction heads of the joint-embedding methods (MoCo v3 MLPs, the DINO head)."""
+"""Heads of the self-supervised methods: projection and prediction MLPs (MoCo, SimCLR), the DINO head, the pretext tasks' classifier."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ class GlobalBatchNorm1d(nn.Module):
         if self.weight is not None:
             out = out * self.weight + self.bias
         return out
+
+
+def classifier_head(in_dim: int, hidden_dim: int, classes: int) -> nn.Module:
+    """The pretext tasks' head: a linear classifier, or Linear -> GELU -> Linear with `hidden_dim` > 0."""
+    if hidden_dim == 0:
+        return nn.Linear(in_dim, classes)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, classes))
 
 
 def moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
