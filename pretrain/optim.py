@@ -4,6 +4,7 @@ learning-rate schedule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,32 +17,60 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.base_lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.base_lr
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: set[str], decay_1d: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    skip: set[str],
+    decay_1d: bool = False,
+    lr_scale: Callable[[str], float] | None = None,
+) -> list[dict]:
     """Biases, norm weights (unless `decay_1d`: MoCo v1/v2's released code decays them) and the names in
-    `skip` (tokens, embeddings) get no weight decay."""
-    decay, no_decay = [], []
+    `skip` (tokens, embeddings) get no weight decay. `lr_scale(name)` multiplies a parameter's learning rate
+    (layer-wise decay in fine-tuning): parameters are grouped by (decayed, scale), decayed groups first.
+
+    Every group says whether it is `decayed` (what weight-decay schedules and resumes set) and its `lr_scale`
+    (what the learning-rate schedule multiplies); without `lr_scale` there are exactly two groups."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if (param.ndim <= 1 and not decay_1d) or name in skip else decay).append(param)
+        decayed = not ((param.ndim <= 1 and not decay_1d) or name in skip)
+        scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+        groups.setdefault((decayed, scale), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "decayed": decayed, "lr_scale": scale}
+        for (decayed, scale), params in ordered
+        if params or scale == 1.0
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, skip: set[str]) -> torch.optim.Optimizer:
-    """optim.name over `param_groups`: the first group is decayed (and, for LARS, trust-ratio adapted), the
-    second (biases, normalization weights, `skip`) is neither."""
-    groups = param_groups(model, cfg.weight_decay, skip, cfg.decay_biases_and_norms)
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    lr: float,
+    skip: set[str],
+    lr_scale: Callable[[str], float] | None = None,
+) -> torch.optim.Optimizer:
+    """optim.name over `param_groups`: decayed groups are (for LARS) trust-ratio adapted, the others (biases,
+    normalization weights, `skip`) neither decayed nor adapted."""
+    groups = param_groups(model, cfg.weight_decay, skip, cfg.decay_biases_and_norms, lr_scale)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
     if cfg.name == "lars":
-        groups[0]["lars_adapt"], groups[1]["lars_adapt"] = True, False
+        for group in groups:
+            group["lars_adapt"] = group["decayed"]
         return LARS(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, eta=cfg.lars_eta)
     # The fused kernel only exists for accelerator tensors; foreach is the fast path on CPU.
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True if on_cuda else None)
+
+
+def is_decayed(group: dict, index: int) -> bool:
+    """Whether a parameter group takes weight decay; groups saved before groups said so: the first one."""
+    return group.get("decayed", index == 0)
 
 
 class LARS(torch.optim.Optimizer):
@@ -138,7 +167,7 @@ def build_scheduler(
     A resumed run builds it anew from the settings it resumes with (so a changed rate, warmup or length
     takes effect at the resumed step); with unchanged settings it equals the saved schedule exactly."""
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = peak_lr
+        group["lr"] = group["initial_lr"] = peak_lr * group.get("lr_scale", 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: learning_rate(cfg, step, total_steps, peak_lr) / peak_lr,
@@ -158,7 +187,7 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> N
             group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov
         if "eta" in group:
             group["eta"] = cfg.lars_eta
-        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0  # the decayed group (see `param_groups`)
+        group["weight_decay"] = cfg.weight_decay if is_decayed(group, index) else 0.0
 
 
 def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
@@ -182,5 +211,7 @@ class WeightDecaySchedule:
         if not self.enabled:
             return self.cfg.weight_decay
         value = cosine_ramp(step, self.total, self.cfg.weight_decay, self.cfg.weight_decay_end)
-        self.optimizer.param_groups[0]["weight_decay"] = value  # the decayed group (see `param_groups`)
+        for index, group in enumerate(self.optimizer.param_groups):
+            if is_decayed(group, index):
+                group["weight_decay"] = value
         return value

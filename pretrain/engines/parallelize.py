@@ -18,8 +18,13 @@ def _replace_blocks(method: Method, wrap) -> None:
 
 
 def apply_activation_checkpointing(method: Method) -> None:
-    """Recompute each block in backward: activation memory drops from O(depth) blocks to about one."""
-    _replace_blocks(method, lambda block: checkpoint_wrapper(block, preserve_rng_state=False))
+    """Recompute each block in backward: activation memory drops from O(depth) blocks to about one. Blocks that
+    draw random numbers (stochastic depth) replay the RNG state of their forward, so the recompute drops the
+    same samples; the others skip that save and restore."""
+    _replace_blocks(
+        method,
+        lambda block: checkpoint_wrapper(block, preserve_rng_state=bool(getattr(block, "uses_randomness", False))),
+    )
 
 
 def apply_compile(method: Method) -> None:

@@ -16,7 +16,8 @@ from pretrain.models.resnet import RESNET_DEPTHS, STAGE_WIDTHS, ResNet, build_re
 from pretrain.models.vit import VIT_SIZES, VisionTransformer, build_vit
 
 
-def build_vit_backbone(cfg: Config) -> VisionTransformer:
+def build_vit_backbone(cfg: Config, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """The `model.*` ViT; `drop_path_rate` > 0 adds stochastic depth (fine-tuning)."""
     model = cfg.model
     return build_vit(
         model.size,
@@ -29,6 +30,7 @@ def build_vit_backbone(cfg: Config) -> VisionTransformer:
         sincos_row_first=model.sincos_order == "row_first",
         pos_interpolation=model.pos_interpolation,
         init=model.init,
+        drop_path_rate=drop_path_rate,
     )
 
 

@@ -52,8 +52,33 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) per sample: a residual branch is dropped for a whole sample with
+    probability `p` and kept ones are scaled by 1 / (1 - p), so the expectation equals the branch (timm's
+    DropPath with scale_by_keep). Draws from the global RNG of the branch's device; identity in eval."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). The unit the engine wraps."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). The unit the engine wraps.
+
+    `drop_path` > 0 drops each residual branch per sample (fine-tuning's stochastic depth); the blocks then
+    draw random numbers, which activation checkpointing must replay (engines/parallelize.py)."""
 
     def __init__(
         self,
@@ -62,16 +87,22 @@ class Block(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         attn_backend: str = "sdpa",
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_backend=attn_backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    @property
+    def uses_randomness(self) -> bool:
+        return isinstance(self.drop_path, DropPath)
 
 
 def set_attention_backend(module: nn.Module, name: str) -> None:

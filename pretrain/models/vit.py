@@ -108,6 +108,7 @@ class VisionTransformer(nn.Module):
         sincos_row_first: bool = False,
         pos_interpolation: str = "size",
         init: str = "xavier",
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value, options in (
@@ -137,8 +138,11 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", table, persistent=False)
         else:
             self.pos_embed = nn.Parameter(table)
+        # Stochastic depth rising linearly from 0 at the first block to drop_path_rate at the last (timm, MAE).
+        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, attn_backend=attn_backend) for _ in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, attn_backend=attn_backend, drop_path=rate)
+            for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
