@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from data_pipeline.label_subset import LabelSubset
 from data_pipeline.reader import Batch, ImageTransform, ShardStream, StreamPosition, position_from_state
 
 log = logging.getLogger("data_pipeline")
 
 STATE_VERSION = 1
 # Settings that fix which sample sits at which (stream, epoch, offset); a change invalidates positions.
-_LAYOUT_KEYS = ("num_streams", "seed", "num_shards", "shuffle_buffer", "resampled")
+_LAYOUT_KEYS = ("num_streams", "seed", "num_shards", "shuffle_buffer", "resampled", "subset")
 
 
 class ResumableLoader:
@@ -47,7 +48,10 @@ class ResumableLoader:
         split: str = "train",
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        subset: LabelSubset | None = None,
     ) -> None:
+        """`subset`: read only its samples (a label fraction for semi-supervised fine-tuning)."""
+        self.subset = subset
         self.dataset = ShardStream(
             shards,
             batch_size=batch_size,
@@ -62,6 +66,7 @@ class ResumableLoader:
             start_epoch=start_epoch,
             drop_last=drop_last,
             split=split,
+            keys=subset.keys if subset is not None else None,
         )
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
@@ -132,6 +137,7 @@ class ResumableLoader:
             "num_shards": len(ds.shards),
             "shuffle_buffer": ds.shuffle_buffer,
             "resampled": ds.resampled,
+            "subset": self.subset.digest if self.subset is not None else None,
         }
 
     def state_dict(self) -> dict[str, Any]:

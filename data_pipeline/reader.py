@@ -151,6 +151,7 @@ class ShardStream(IterableDataset):
         split: str = "train",
         positions: Mapping[int, StreamPosition] | None = None,
         worker_rotation: int = 0,
+        keys: frozenset[str] | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in [
@@ -180,6 +181,8 @@ class ShardStream(IterableDataset):
             )
         self.positions = dict(positions or {})
         self.worker_rotation = worker_rotation
+        # Only samples with these keys (a label subset, data_pipeline/label_subset.py); None: all.
+        self.keys = keys
         self._reported: set[str] = set()
 
     @property
@@ -199,8 +202,12 @@ class ShardStream(IterableDataset):
         return order[stream :: self.num_streams]
 
     def epoch_records(self, stream: int, epoch: int) -> Iterator[Record | ShardFailure]:
-        """The raw, shuffled records of one stream's epoch: the sequence that offsets count."""
+        """The raw, shuffled records of one stream's epoch: the sequence that offsets count. Records outside
+        `keys` are dropped before the shuffle buffer, so it mixes only samples that are used."""
         records = chain.from_iterable(self._read_counted(url) for url in self.epoch_shards(stream, epoch))
+        if self.keys is not None:
+            keys = self.keys
+            records = (r for r in records if isinstance(r, ShardFailure) or r.get("__key__") in keys)
         return shuffled(records, self.shuffle_buffer, random.Random(derive_seed(self.seed, "buffer", epoch, stream)))
 
     def _read_counted(self, url: str) -> Iterator[Record | ShardFailure]:
@@ -279,6 +286,11 @@ class ShardStream(IterableDataset):
                 break
             if offset == 0 and failed >= set(self.shards):
                 raise RuntimeError(f"stream {stream}: every shard failed to read ({sorted(failed)[:3]}...)")
+            if offset == 0 and self.keys is not None:
+                raise RuntimeError(
+                    f"stream {stream}: its shards of epoch {epoch} hold none of the {len(self.keys)} samples of the "
+                    "label subset; use fewer streams (processes x data.num_workers) or a larger data.label_fraction"
+                )
             epoch, offset = epoch + 1, 0
         if pending and not self.drop_last:
             yield _collate(pending, stream, StreamPosition(epoch, offset, skipped, skipped_shards))

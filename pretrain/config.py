@@ -136,6 +136,10 @@ class DataConfig:
     decode: Literal["fast", "reference"] = "fast"
     # pil: the WebDataset reader in DataLoader workers | dali: NVIDIA DALI (extra [dali]; pretrain/data.py).
     backend: Literal["pil", "dali"] = "pil"
+    # Train on a class-balanced fraction of the split's labelled samples (semi-supervised fine-tuning: SimCLR's
+    # 0.01 and 0.1), drawn from label_seed and the sample keys (data_pipeline/label_subset.py). 1: all samples.
+    label_fraction: float = bounded(1.0, gt=0, le=1)
+    label_seed: int = 0
 
 
 @dataclass
@@ -285,6 +289,8 @@ class EvalConfig:
     linear_epochs: int = bounded(100, gt=0)
     linear_batch_size: int = bounded(256, gt=0)
     linear_val_fraction: float = bounded(0.1, gt=0, lt=1)
+    # The fine-tuning recipe `pretrain eval finetune` uses for this run's checkpoints when given no --config.
+    finetune_config: str = ""
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from data_pipeline.augment import eval_transform
+from data_pipeline.label_subset import label_subset
 from data_pipeline.loader import ResumableLoader
 from data_pipeline.shardlist import resolve_shards
 from pretrain.config import Config, ConfigError
@@ -37,6 +38,9 @@ def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader | DaliLoader
     data = cfg.data
     if data.backend == "dali":
         return _dali_loader(cfg, world)
+    subset = (
+        label_subset(data.shards, data.split, data.label_fraction, data.label_seed) if data.label_fraction < 1 else None
+    )
     return ResumableLoader(
         data.shards,
         batch_size=data.batch_size,
@@ -51,6 +55,7 @@ def _train_loader(cfg: Config, world: WorldInfo) -> ResumableLoader | DaliLoader
         split=data.split,
         pin_memory=data.pin_memory,
         prefetch_factor=data.prefetch_factor,
+        subset=subset,
     )
 
 
@@ -61,6 +66,8 @@ def validate_data_backend(cfg: Config) -> None:
         return
     from data_pipeline.dali_loader import dali_available
 
+    if cfg.data.label_fraction < 1:
+        raise ConfigError("data.label_fraction: label subsets are read by the pil backend only; set data.backend='pil'")
     if METHODS[cfg.method.name].crop_views is None:
         raise ConfigError(
             f"data.backend: 'dali' makes random-resized crops of images; method '{cfg.method.name}' does not train on them"
