@@ -1,12 +1,14 @@
 """MAE, MoCo v3, DINO and the pretext tasks on real handwritten digits: each pretrains a ViT-tiny/4 on the CPU,
-then its frozen encoder is scored by weighted kNN and a linear probe against a random-init encoder of the same
-shape.
+then its encoder is scored three ways against a random-init encoder of the same shape: weighted kNN and a linear
+probe on frozen features, and end-to-end fine-tuning on 100% and 10% of the labels (`pretrain eval finetune`
+with configs/finetune_vit_tiny_digits.toml; the random-init encoder is fine-tuned the same way).
 
     python benchmarks/ssl_digits.py                     # MAE, MoCo v3 and DINO
     python benchmarks/ssl_digits.py --methods jigsaw    # one pretext task (rotation, jigsaw, relative_patch, ...;
                                                         # colorization runs but is not benchmarked: the digits are gray)
     python benchmarks/ssl_digits.py --methods dino --steps 50
     python benchmarks/ssl_digits.py --methods cpc       # CPC v2 on a ResNet-18 (layer norm) over a patch grid
+    python benchmarks/ssl_digits.py --methods mae --reuse --no-linear   # fine-tune an existing run's checkpoint
 
 Each method runs its digits demo config (configs/*_digits.toml) unchanged apart from paths; the table and
 a JSON record (device, versions, seconds per method) go to benchmarks/results/ssl_digits_cpu.json. Rows of
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -25,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint import find_checkpoint, read_meta
 from pretrain.demo import ensure_digit_shards
+from pretrain.eval.finetune import evaluate_finetune, percent_tag
 from pretrain.eval.run import evaluate_knn, evaluate_linear
 from pretrain.logs import setup_logging
 from pretrain.recipes import load_config
@@ -49,46 +54,109 @@ CONFIGS = {
     # Runnable, not run: the digits are gray (one ab bin), so colorization has nothing to learn on them.
     "colorization": ROOT / "configs" / "colorization_vit_tiny_digits.toml",
 }
+FINETUNE_CONFIG = ROOT / "configs" / "finetune_vit_tiny_digits.toml"
+LABEL_FRACTIONS = (1.0, 0.1)
+# A ResNet encoder (CPC) takes the recipe without its ViT-only parts.
+RESNET_FINETUNE = [
+    "method.finetune.fc_norm=false",
+    "method.finetune.layer_decay=1.0",
+    "method.finetune.drop_path=0.0",
+]
 
 
-def run_method(name: str, out: Path, shards: Path, steps: int) -> dict:
+def finished_checkpoint(out: Path, cfg) -> Path | None:
+    """The run's checkpoint at its last step, if an earlier invocation left one (`--reuse`)."""
+    try:
+        path = find_checkpoint(out / cfg.run.name)
+    except FileNotFoundError:
+        return None
+    return path if read_meta(path)["step"] == cfg.train.steps else None
+
+
+def finetune_scores(checkpoint: Path, cfg, out: Path, shards: Path) -> dict:
+    """Fine-tune top-1 at each label fraction, from the pretrained encoder and from its random init."""
+    extra = RESNET_FINETUNE if cfg.model.arch != "vit" else []
+    scores: dict[str, dict[str, float]] = {"pretrained": {}, "random_init": {}}
+    for weights, random_init in (("pretrained", False), ("random_init", True)):
+        for fraction in LABEL_FRACTIONS:
+            overrides = [f'run.output_dir="{out / "finetune"}"', "train.resume=none", *extra]
+            run_dir = out / "finetune" / f"{cfg.run.name}-finetune{'-random-init' if random_init else ''}"
+            run_dir = run_dir.with_name(run_dir.name + (f"-{percent_tag(fraction)}" if fraction < 1 else ""))
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh fine-tune every time
+            report = evaluate_finetune(
+                checkpoint, FINETUNE_CONFIG, fraction, random_init, str(shards), overrides=overrides
+            )
+            scores[weights][percent_tag(fraction)] = report["finetune_top1"]
+            print(report["summary"], flush=True)
+    return scores
+
+
+def run_method(name: str, out: Path, shards: Path, steps: int, reuse: bool, finetune: bool, frozen: bool) -> dict:
+    """Pretrain (or, with `reuse`, take the finished run of an earlier invocation), then score: kNN and the linear
+    probe when `frozen`, fine-tuning when `finetune`. Scores not computed are left out of the row."""
     overrides = [f'data.shards="{shards}"', f'run.output_dir="{out}"', "train.resume=none"]
     if steps:
         base = load_config(CONFIGS[name])
         overrides += [f"train.steps={steps}", f"optim.warmup_steps={min(steps, base.optim.warmup_steps)}"]
     cfg = load_config(CONFIGS[name], overrides)
-    started = time.perf_counter()
-    result = train(cfg)
-    train_seconds = time.perf_counter() - started
-    scores = {}
+    checkpoint = finished_checkpoint(out, cfg) if reuse else None
+    row: dict = {"config": str(CONFIGS[name].relative_to(ROOT))}
+    if checkpoint is None:
+        started = time.perf_counter()
+        result = train(cfg)
+        checkpoint = result.checkpoint
+        row.update(
+            train_seconds=round(time.perf_counter() - started, 1),
+            final_loss=result.losses[-1] if result.losses else None,
+            mlflow_run_id=result.mlflow_run_id,
+        )
+    row.update(steps=read_meta(checkpoint)["step"], global_batch=cfg.data.batch_size * cfg.optim.accum_steps)
     for weights, random_init in (("pretrained", False), ("random_init", True)):
-        scores[weights] = {
-            "knn_top1": evaluate_knn(result.checkpoint, random_init=random_init)["knn_top1"],
-            "linear_top1": evaluate_linear(result.checkpoint, random_init=random_init)["linear_top1"],
-        }
-    return {
-        "config": str(CONFIGS[name].relative_to(ROOT)),
-        "steps": result.step,
-        "global_batch": cfg.data.batch_size * cfg.optim.accum_steps,
-        "train_seconds": round(train_seconds, 1),
-        "final_loss": result.losses[-1] if result.losses else None,
-        "mlflow_run_id": result.mlflow_run_id,
-        **scores,
-    }
+        row[weights] = {}
+        if frozen:
+            row[weights]["knn_top1"] = evaluate_knn(checkpoint, random_init=random_init)["knn_top1"]
+            row[weights]["linear_top1"] = evaluate_linear(checkpoint, random_init=random_init)["linear_top1"]
+    if finetune:
+        started = time.perf_counter()
+        for weights, scores in finetune_scores(checkpoint, cfg, out, shards).items():
+            row[weights]["finetune_top1"] = scores
+        row["finetune_seconds"] = round(time.perf_counter() - started, 1)
+        row["finetune_config"] = str(FINETUNE_CONFIG.relative_to(ROOT))
+    return row
+
+
+def merge_rows(old: dict, new: dict) -> dict:
+    """A method's new row over its old one: scores measured now replace theirs, the others are kept."""
+    merged = {**old, **new}
+    for weights in ("pretrained", "random_init"):
+        merged[weights] = {**old.get(weights, {}), **new.get(weights, {})}
+    return merged
+
+
+def _pair(row: dict, *path: str) -> str:
+    """ "pretrained / random init" of the score at `path`, or "not run"."""
+    values = []
+    for weights in ("pretrained", "random_init"):
+        node = row.get(weights, {})
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        values.append(f"{100 * node:.2f}%" if isinstance(node, float) else None)
+    return " / ".join(values) if all(values) else "not run"
 
 
 def table(results: dict[str, dict]) -> str:
     lines = [
-        "| method | steps | train time | kNN top-1 (pretrained / random init) | linear probe top-1 (pretrained / random init) |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | steps | train time | kNN top-1 | linear probe top-1 | fine-tune top-1, 100% labels "
+        "| fine-tune top-1, 10% labels |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
-        p, z = r["pretrained"], r["random_init"]
+        seconds = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
         lines.append(
-            f"| {name} | {r['steps']} | {r['train_seconds']:.0f} s | {100 * p['knn_top1']:.2f}% / "
-            f"{100 * z['knn_top1']:.2f}% | {100 * p['linear_top1']:.2f}% / {100 * z['linear_top1']:.2f}% |"
+            f"| {name} | {r['steps']} | {seconds} | {_pair(r, 'knn_top1')} | {_pair(r, 'linear_top1')} | "
+            f"{_pair(r, 'finetune_top1', '100pct')} | {_pair(r, 'finetune_top1', '10pct')} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n(each cell: pretrained / random init)"
 
 
 def main() -> int:
@@ -97,6 +165,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=0, help="override every method's train.steps (0: the config's)")
     parser.add_argument("--workdir", default="runs/ssl_digits", help="shards, runs and MLflow stores")
     parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON result")
+    parser.add_argument(
+        "--reuse", action="store_true", help="score a finished run left in --workdir instead of pretraining again"
+    )
+    parser.add_argument(
+        "--no-finetune", dest="finetune", action="store_false", help="skip the fine-tune columns (4 runs a method)"
+    )
+    parser.add_argument(
+        "--no-frozen", dest="frozen", action="store_false", help="skip kNN and the linear probe (keep earlier ones)"
+    )
     args = parser.parse_args()
     setup_logging()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -112,12 +189,22 @@ def main() -> int:
         ["python", str(script.relative_to(ROOT) if script.is_relative_to(ROOT) else script), *sys.argv[1:]]
     )
     date = datetime.now(UTC).isoformat(timespec="seconds")
-    results = {name: {**run_method(name, workdir, shards, args.steps), "command": command} for name in methods}
+    # A row's scores each come from the latest command that measured them: pretraining and the frozen scores
+    # from "command", the fine-tune columns from "finetune_command".
+    results = {}
+    for name in methods:
+        row = run_method(name, workdir, shards, args.steps, args.reuse, args.finetune, args.frozen)
+        if args.frozen or "train_seconds" in row:
+            row["command"] = command
+        if args.finetune:
+            row["finetune_command"] = command
+        results[name] = row
 
     device = device_info()
     out = Path(args.out) / f"ssl_digits_{device['type']}.json"
-    if out.is_file():  # rows of methods not run this time are kept, each with the command that made it
-        results = {**json.loads(out.read_text()).get("results", {}), **results}
+    if out.is_file():  # rows and scores not measured this time are kept, each row with its latest command
+        old = json.loads(out.read_text()).get("results", {})
+        results = {**old, **{name: merge_rows(old.get(name, {}), row) for name, row in results.items()}}
     record = {
         "benchmark": "ssl_digits",
         "device": device,

@@ -66,6 +66,22 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_finetune(args: argparse.Namespace) -> int:
+    from pretrain.eval.finetune import evaluate_finetune
+
+    report = evaluate_finetune(
+        args.checkpoint,
+        config=args.config,
+        label_fraction=args.label_fraction,
+        random_init=args.random_init,
+        shards=args.shards,
+        overrides=args.overrides,
+    )
+    if "summary" in report:  # rank 0
+        print(json.dumps(report) if args.json else report["summary"])
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pretrain.demo import run_demo
 
@@ -126,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         sub.add_argument("--json", action="store_true", help="print the full report as JSON")
         sub.set_defaults(func=func)
+
+    finetune = eval_commands.add_parser(
+        "finetune",
+        help="fine-tune the encoder end to end with a classification head (a resumable run), then score the test split",
+    )
+    finetune.add_argument("checkpoint", help="pretraining checkpoint directory, or its run directory (the latest)")
+    finetune.add_argument(
+        "--config", help="fine-tuning recipe, e.g. configs/finetune_vit_b16.toml (default: eval.finetune_config)"
+    )
+    finetune.add_argument(
+        "--label-fraction",
+        type=float,
+        metavar="F",
+        help="train on a class-balanced fraction of the labels in (0, 1], e.g. 0.01 or 0.1 (default: data.label_fraction)",
+    )
+    finetune.add_argument("--shards", default="", help="labelled shards (default: the recipe's, else the run's)")
+    finetune.add_argument(
+        "--random-init", action="store_true", help="the same fine-tune from a randomly initialized encoder (baseline)"
+    )
+    finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    finetune.add_argument("--json", action="store_true", help="print the full report as JSON")
+    finetune.set_defaults(func=cmd_eval_finetune)
 
     register_ckpt(commands)
     register_bench(commands)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from data_pipeline.loader import merge_states
 from pretrain.checkpoint import CheckpointManager, dcp_load, find_checkpoint, load_rank_state, read_meta, resolve_resume
+from pretrain.ckpt.load import check_encoder_checkpoint, load_encoder_state
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader, check_data_spec
 from pretrain.distributed import all_reduce_mean, gather_floats
@@ -33,7 +34,13 @@ from pretrain.eval.knn import knn_top1
 from pretrain.flops import device_peak_flops
 from pretrain.logs import setup_logging
 from pretrain.memory import peak_memory_gb
-from pretrain.methods.registry import build_device_transform, build_method, flops_per_sample
+from pretrain.methods.registry import (
+    build_device_transform,
+    build_method,
+    encoder_checkpoint,
+    flops_per_sample,
+    preflight_method,
+)
 from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr, set_hyperparameters
 from pretrain.progress import Progress
 from pretrain.recipes import config_from_saved
@@ -89,6 +96,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def load_full_state(method: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the method's parameters and buffers of those names; a name it lacks is a bug."""
+    unexpected = set(state) - set(method.state_dict())
+    if unexpected:
+        raise KeyError(f"initial weights for parameters the method does not have: {sorted(unexpected)[:5]}")
+    method.load_state_dict(state, strict=False)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -96,16 +111,22 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     """Holds the pieces of a run; `fit()` is the loop."""
 
-    def __init__(self, cfg: Config, loader: Any = None, force_lock: bool = False):
+    def __init__(self, cfg: Config, loader: Any = None, force_lock: bool = False, tags: dict[str, str] | None = None):
         """`loader`: batches to train on instead of data.shards' (e.g. the benchmark's synthetic batch).
-        `force_lock`: take over the run directory's lock from a holder on another host (`--force`)."""
+        `force_lock`: take over the run directory's lock from a holder on another host (`--force`).
+        `tags`: set on the MLflow run besides the host's (a fine-tune's link to its pretraining run)."""
         self.cfg = cfg
         self.world = world_from_env()
         self.run_dir = cfg.run_dir
-        # Before any work: the data spec names shards, the run directory is writable and this job's alone,
-        # and a resume names a complete checkpoint whose settings may change as asked.
+        self._tags = dict(tags or {})
+        # Before any work: the data spec names shards, the method's files fit it, the run directory is writable
+        # and this job's alone, and a resume names a complete checkpoint whose settings may change as asked.
         if loader is None:
             check_data_spec(cfg)
+        preflight_method(cfg)
+        self.encoder_checkpoint = encoder_checkpoint(cfg)
+        if self.encoder_checkpoint:
+            check_encoder_checkpoint(self.encoder_checkpoint, cfg)
         self.engine = build_engine(cfg, self.world)  # checks the engine's options against the device
         check_writable(self.run_dir)
         self.lock = RunLock(self.run_dir)
@@ -139,10 +160,20 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.engine.device, cfg.train.peak_tflops)
         with self.engine.init_context():
             self.method = build_method(cfg)  # hooks and pictures; `model` is what the engine wrapped for training
-        no_decay = self.method.no_weight_decay()
+        initial = {}
+        if self.encoder_checkpoint and self.resumed_from is None:
+            _, encoder, source = load_encoder_state(self.encoder_checkpoint)
+            initial = self.method.initial_state(encoder)
+            log.info("encoder weights from %s", source)
+        on_meta = any(p.is_meta for p in self.method.parameters())
+        if initial and not on_meta:
+            load_full_state(self.method, initial)
+        no_decay, lr_scale = self.method.no_weight_decay(), self.method.lr_scale
         self.model, self.optimizer = self.engine.setup(
-            self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay)
+            self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay, lr_scale)
         )
+        if initial and on_meta:  # shards materialized by the engine: each rank takes its part of the full tensors
+            set_model_state_dict(self.model, initial, options=StateDictOptions(full_state_dict=True, strict=False))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, self.peak_lr)
         self.weight_decay = WeightDecaySchedule(self.optimizer, cfg.optim, cfg.train.steps)
         self.ema_pairs = self.method.ema_pairs()
@@ -162,7 +193,7 @@ class Trainer:
             # Steps after the checkpoint will be re-run: their lines go; what is left up to the checkpoint
             # is replayed to MLflow where the server lacks it (points a killed process never sent).
             replay = self.metrics_log.truncate_after(self.step)
-        tags = {**host_tags(self.world), **({"git_commit": c} if (c := _git_commit()) else {})}
+        tags = {**host_tags(self.world), **({"git_commit": c} if (c := _git_commit()) else {}), **self._tags}
         self.tracker = Tracker(
             resolve_tracking_uri(cfg.tracking.uri, self.run_dir),
             experiment=cfg.tracking.experiment,
@@ -193,7 +224,18 @@ class Trainer:
             # reached the server delivered none.
             self.tracker.log_params(flatten_config(cfg.to_dict()))
             self.tracker.log_artifact_file(str(config_file))
+            self._record_label_subset()
             log.info("tracking: %s", self.tracker.ui_hint())
+
+    def _record_label_subset(self) -> None:
+        """A run on a label fraction keeps the keys it trained on (label_subset.json, also in MLflow)."""
+        subset = getattr(self.loader, "subset", None)
+        if subset is None:
+            return
+        record = self.run_dir / "label_subset.json"
+        record.write_text(json.dumps(subset.record()) + "\n")
+        self.tracker.log_params({"label_subset_size": len(subset.keys), "label_subset_sha256": subset.digest})
+        self.tracker.log_artifact_file(str(record))
 
     # ------------------------------------------------------------------ checkpoint state
 

@@ -1,8 +1,8 @@
-"""Under torchrun: methods with BatchNorm in the encoder (SimCLR, MoCo v2 on a ResNet-18) take STEPS optimizer
-steps on a fixed global batch through one engine after another, in the same processes; each rank feeds its
-slice of the images (both views). Rank 0 saves each run's losses and whole state (parameters, BN running
-statistics, MoCo's queue), for the tests to compare with one process on the whole batch (`train_steps` in
-the test process).
+"""Under torchrun: methods with state beyond one rank's batch (SimCLR and MoCo v2 with BatchNorm in a ResNet-18;
+a ViT fine-tune with layer-wise learning rates and an EMA) take STEPS optimizer steps on a fixed global batch
+through one engine after another, in the same processes; each rank feeds its slice of the images (both views).
+Rank 0 saves each run's losses and whole state (parameters, BN running statistics, MoCo's queue, the EMA), for
+the tests to compare with one process on the whole batch (`train_steps` in the test process).
 
 python -m torch.distributed.run --nproc-per-node 2 tests/dist_engine_runs.py OUT RUN...
 (each RUN is METHOD[,override...], e.g. moco_v2,engine.kind=fsdp)
@@ -59,7 +59,29 @@ def moco_overrides(*extra: str) -> list[str]:
     ]
 
 
-OVERRIDES = {"simclr": simclr_overrides, "moco_v2": moco_overrides}
+def finetune_overrides(*extra: str) -> list[str]:
+    """A ViT-tiny/4 fine-tune on 8 px images: layer decay, fc_norm, label smoothing and an EMA. Drop path and mixup
+    are off: they draw per micro-batch from the loop's seeding, which this harness does not run."""
+    return [
+        "method.name=finetune",
+        "model.size=tiny",
+        "model.patch_size=4",
+        "data.image_size=8",
+        "method.finetune.num_classes=5",
+        "method.finetune.layer_decay=0.7",
+        "method.finetune.drop_path=0.0",
+        "method.finetune.mixup=0.0",
+        "method.finetune.cutmix=0.0",
+        "method.finetune.label_smoothing=0.1",
+        "method.finetune.head_init_std=0.02",
+        "method.finetune.ema_decay=0.5",
+        "run.device=cpu",
+        "optim.lr_scaling=none",
+        *extra,
+    ]
+
+
+OVERRIDES = {"simclr": simclr_overrides, "moco_v2": moco_overrides, "finetune": finetune_overrides}
 
 
 def run_config(run: str, engines: bool = True):
@@ -74,6 +96,15 @@ def run_config(run: str, engines: bool = True):
 def global_views(step: int, size: int = 16) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(step)
     return [torch.randn(IMAGES, 3, size, size, generator=generator) for _ in range(2)]
+
+
+def batch_of(cfg, step: int, mine: slice) -> dict:
+    """This rank's slice of step's global batch: two views for the contrastive methods, one labelled image else."""
+    views = global_views(step, cfg.data.image_size)
+    if cfg.method.name != "finetune":
+        return {"image": [view[mine].double() for view in views]}
+    labels = torch.arange(IMAGES) % cfg.method.finetune.num_classes
+    return {"image": views[0][mine].double(), "label": labels[mine]}
 
 
 def train_steps(cfg, world) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -93,13 +124,13 @@ def train_steps(cfg, world) -> tuple[list[float], dict[str, torch.Tensor]]:
     with engine.init_context():
         method = build_method(cfg)
     model, optimizer = engine.setup(
-        method, lambda m: build_optimizer(m, cfg.optim, cfg.optim.base_lr, m.no_weight_decay())
+        method, lambda m: build_optimizer(m, cfg.optim, cfg.optim.base_lr, m.no_weight_decay(), m.lr_scale)
     )
     per_rank = IMAGES // world.world_size
     mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
     losses = []
     for step in range(STEPS):
-        batch = {"image": [view[mine].double() for view in global_views(step, cfg.data.image_size)]}
+        batch = batch_of(cfg, step, mine)
         with engine.accumulate(model, True), engine.autocast():
             loss = model(batch)["loss"]
             engine.backward(loss)

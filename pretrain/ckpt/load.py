@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pretrain.checkpoint import dcp_load, find_checkpoint, read_meta
-from pretrain.config import Config, apply_overrides
+from pretrain.config import Config, ConfigError, apply_overrides
 from pretrain.methods.base import Method
 from pretrain.methods.registry import build_method
+from pretrain.models.resnet import ResNet
+from pretrain.models.vit import VisionTransformer
 from pretrain.recipes import config_from_saved
 from pretrain.rng import seed_everything
 
@@ -26,3 +31,72 @@ def load_method(
     if not random_init:
         dcp_load({"model": method.state_dict()}, path)  # fills the live parameters in place
     return cfg, method.eval(), path
+
+
+@dataclass
+class PretrainedEncoder:
+    """What a checkpoint's encoder is, read from meta.json and a copy of its method built on the meta device (no
+    memory, no weights, the caller's RNG untouched)."""
+
+    path: Path
+    cfg: Config  # the pretraining run's
+    prefix: str  # the encoder's name in its method's state dict
+    kind: type  # VisionTransformer or ResNet
+    shapes: dict[str, torch.Tensor]  # the encoder's tensors on the meta device, under the encoder's own names
+
+
+def pretrained_encoder(checkpoint: str | Path) -> PretrainedEncoder:
+    """The encoder of a DCP checkpoint: its method's inference network (MAE's encoder, DINO's teacher, MoCo's
+    query encoder), which must be a ViT or a ResNet for a classification head to attach to."""
+    path = find_checkpoint(checkpoint)
+    meta = read_meta(path)
+    if meta.get("format", "dcp") != "dcp":
+        raise ConfigError(
+            f"method.finetune.checkpoint: {path} is a {meta.get('format')} checkpoint; "
+            "`pretrain ckpt convert --to dcp` it first"
+        )
+    cfg = config_from_saved(meta["config"])
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            method = build_method(cfg)
+    except Exception as exc:  # a method that cannot be built without its files (a DiT's VAE)
+        raise ConfigError(
+            f"method.finetune.checkpoint: cannot rebuild the {cfg.method.name!r} method of {path} ({exc})"
+        ) from exc
+    network = method.inference_network()
+    if not isinstance(network, (VisionTransformer, ResNet)):
+        raise ConfigError(
+            f"method.finetune.checkpoint: {path} is a {cfg.method.name!r} checkpoint whose trained network is a "
+            f"{type(network).__name__}, not a ViT or ResNet encoder that a classification head can attach to"
+        )
+    prefix = next(name for name, module in method.named_modules() if module is network)
+    return PretrainedEncoder(path, cfg, prefix, type(network), network.state_dict())
+
+
+def load_encoder_state(checkpoint: str | Path) -> tuple[Config, dict[str, torch.Tensor], Path]:
+    """(the checkpoint's config, its encoder's weights under the encoder's own names, the checkpoint path): what
+    fine-tuning attaches a head to, read alone from the DCP checkpoint."""
+    encoder = pretrained_encoder(checkpoint)
+    state = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in encoder.shapes.items()}
+    dcp_load({"model": {f"{encoder.prefix}.{name}": tensor for name, tensor in state.items()}}, encoder.path)
+    return encoder.cfg, state, encoder.path
+
+
+def check_encoder_checkpoint(checkpoint: str | Path, cfg: Config) -> None:
+    """Before any work: `checkpoint` exists, is DCP, holds a ViT or ResNet encoder, and `cfg.model` builds the
+    same network (attention kernel aside). Reads meta.json only."""
+    encoder = pretrained_encoder(checkpoint)
+    path, saved = encoder.path, encoder.cfg
+    before, now = saved.model, cfg.model
+    for name in vars(before):
+        if name != "attn_backend" and getattr(before, name) != getattr(now, name):
+            raise ConfigError(
+                f"model.{name}: the encoder of {path} was trained with {getattr(before, name)!r}, this config "
+                f"says {getattr(now, name)!r}"
+            )
+    learned = encoder.kind is VisionTransformer and before.pos_embed != "sincos"
+    if learned and saved.data.image_size != cfg.data.image_size:
+        raise ConfigError(
+            f"data.image_size: the encoder of {path} has a trained position table for {saved.data.image_size} px; "
+            f"fine-tune at that size, got {cfg.data.image_size}"
+        )

@@ -55,3 +55,15 @@ class Method(nn.Module, ABC):
     def no_weight_decay(self) -> set[str]:
         """Parameter names (as in `named_parameters`) kept out of weight decay beyond the optimizer's ndim <= 1 rule."""
         return set()
+
+    def lr_scale(self, name: str) -> float:
+        """The learning-rate multiplier of a parameter (fine-tuning's layer-wise decay). `name` is as in
+        `named_parameters` after the engine wrapped blocks (activation checkpointing, compile add segments)."""
+        return 1.0
+
+    def initial_state(self, encoder: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A new run's starting weights from a pretrained encoder's (under the encoder's own names), as full
+        tensors under this method's `state_dict` names: how a fine-tune takes its encoder. Called only for
+        methods whose spec names an `encoder_checkpoint`; the loop loads the result before the engine shards
+        the method (into the shards, when it is built on the meta device), and never on resume."""
+        raise NotImplementedError(f"{type(self).__name__} does not start from a pretrained encoder")

@@ -12,6 +12,7 @@ from pretrain.methods import (
     cpc,
     dino,
     dit,
+    finetune,
     inpainting,
     jigsaw,
     mae,
@@ -42,6 +43,7 @@ METHODS: dict[str, MethodSpec] = {
         moco_queue.SPEC_V1,
         moco_queue.SPEC_V2,
         cpc.SPEC,
+        finetune.SPEC,
     )
 }
 
@@ -57,6 +59,19 @@ def validate_method(cfg: Config) -> None:
     spec = METHODS[cfg.method.name]
     if spec.validate is not None:
         spec.validate(cfg)
+
+
+def preflight_method(cfg: Config) -> None:
+    """The chosen method's checks against the files the run reads (`MethodSpec.preflight`)."""
+    check = METHODS[cfg.method.name].preflight
+    if check is not None:
+        check(cfg)
+
+
+def encoder_checkpoint(cfg: Config) -> str:
+    """The checkpoint whose encoder a new run of this method starts from ("" for none)."""
+    source = METHODS[cfg.method.name].encoder_checkpoint
+    return source(cfg) if source is not None else ""
 
 
 def build_method(cfg: Config) -> Method:

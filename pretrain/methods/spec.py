@@ -51,6 +51,12 @@ class MethodSpec:
     # cfg -> the crops of each image the train transform makes; None: not random-resized crops (DiT latents,
     # the VAE's and pixel DiT's own transforms), so backends that crop by themselves cannot feed it.
     crop_views: Callable[[Config], CropViews] | None = None
+    # cfg -> None: checks against the data a run reads (its classes), raised as ConfigError naming the key. The
+    # loop runs it before any work; config loading does not, so evaluating a finished run never needs the data.
+    preflight: Callable[[Config], None] | None = None
+    # cfg -> the checkpoint whose encoder (its method's inference network: a ViT or ResNet) a new run starts
+    # from, "" for none. The loop checks it before any work and loads it through `Method.initial_state`.
+    encoder_checkpoint: Callable[[Config], str] | None = None
     # cfg -> overrides for settings the method reads from the data's manifest (a latent scale, steps per
     # epoch), for runs on synthetic batches without shards (`pretrain bench --synthetic-data`).
     synthetic_overrides: Callable[[Config], list[str]] | None = None
