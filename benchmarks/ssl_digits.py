@@ -30,7 +30,8 @@ import torch
 
 from pretrain.checkpoint import find_checkpoint, read_meta
 from pretrain.demo import ensure_digit_shards
-from pretrain.eval.finetune import evaluate_finetune, percent_tag
+from pretrain.eval.classify import percent_tag
+from pretrain.eval.finetune import evaluate_finetune
 from pretrain.eval.run import evaluate_knn, evaluate_linear
 from pretrain.logs import setup_logging
 from pretrain.recipes import load_config

@@ -24,11 +24,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from data_pipeline.loader import merge_states
 from pretrain.checkpoint import CheckpointManager, dcp_load, find_checkpoint, load_rank_state, read_meta, resolve_resume
-from pretrain.ckpt.load import check_encoder_checkpoint, load_encoder_state
+from pretrain.ckpt.load import PretrainingRun, check_encoder_checkpoint, load_encoder_state, pretraining_run
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader, check_data_spec
 from pretrain.distributed import all_reduce_mean, gather_floats
 from pretrain.engines import build_engine
+from pretrain.eval.classify import classification_top1, percent_tag
 from pretrain.eval.features import count_classes, split_features
 from pretrain.eval.knn import knn_top1
 from pretrain.flops import device_peak_flops
@@ -52,6 +53,7 @@ from pretrain.runtime.watchdog import Watchdog
 from pretrain.runtime.world import host_tags, world_from_env
 from pretrain.tracking import Tracker, flatten_config, resolve_tracking_uri
 from pretrain.tracking.local_record import MetricsLog, Reconcile, update_run_file
+from pretrain.tracking.runs import log_metric_best_effort
 from pretrain.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger("pretrain.train")
@@ -84,6 +86,8 @@ class TrainResult:
     skipped_steps: int = 0
     stopped_by: str | None = None  # the signal that stopped the run before its last step (preemption)
     step_ends: list[float] = field(default_factory=list)  # perf_counter() after each optimizer step (benchmarks)
+    test_top1: float | None = None  # a classifier's top-1 on the test split at the end (fine-tuning)
+    test_images: int = 0
 
 
 def _git_commit() -> str | None:
@@ -125,8 +129,11 @@ class Trainer:
             check_data_spec(cfg)
         preflight_method(cfg)
         self.encoder_checkpoint = encoder_checkpoint(cfg)
+        self.pretraining: PretrainingRun | None = None  # where the encoder came from: linked in MLflow
         if self.encoder_checkpoint:
             check_encoder_checkpoint(self.encoder_checkpoint, cfg)
+            self.pretraining = pretraining_run(self.encoder_checkpoint)
+            self._tags = {**self.pretraining.tags(), **self._tags}
         self.engine = build_engine(cfg, self.world)  # checks the engine's options against the device
         check_writable(self.run_dir)
         self.lock = RunLock(self.run_dir)
@@ -398,6 +405,8 @@ class Trainer:
             if save_final and self._last_saved != self.step:
                 result.checkpoint = self.save_checkpoint()
             result.checkpoint = self.checkpoints.wait() or result.checkpoint
+            if not result.stopped_by and self.step == cfg.train.steps:
+                self._score_test_split(result)
             status = "KILLED" if result.stopped_by else "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -566,6 +575,33 @@ class Trainer:
         top1 = knn_top1(train_x, train_y, test_x, test_y, num_classes, cfg.eval.k, cfg.eval.temperature)
         self._record({"knn_top1": top1})
         log.info("step %d: kNN top-1 %.2f%% (%.1fs)", self.step, 100 * top1, time.perf_counter() - started)
+
+    def _score_test_split(self, result: TrainResult) -> None:
+        """A classifier's top-1 on the test split of eval.shards (every rank scores: sharded networks need all),
+        logged as test_top1 and, for a fine-tune, on its pretraining run as finetune_top1[_<fraction>pct]."""
+        network = self.method.test_classifier()
+        if network is None:
+            return
+        cfg, started = self.cfg, time.perf_counter()
+        shards = cfg.eval.shards or cfg.data.shards
+        self.method.eval()
+        with self.engine.autocast(), self.engine.full_parameters(self.model, network):
+            result.test_top1, result.test_images = classification_top1(cfg, network, shards, self.engine.device)
+        self._record({"test_top1": result.test_top1})
+        log.info(
+            "step %d: test top-1 %.2f%% on %d images (%.1fs)",
+            self.step,
+            100 * result.test_top1,
+            result.test_images,
+            time.perf_counter() - started,
+        )
+        pre = self.pretraining
+        if self.world.is_main and pre is not None and pre.run_id and cfg.tracking.enabled:
+            fraction = cfg.data.label_fraction
+            key = "finetune_top1" if fraction == 1 else f"finetune_top1_{percent_tag(fraction)}"
+            uri = pre.tracking_uri or self.tracker.tracking_uri
+            if log_metric_best_effort(uri, pre.run_id, key, result.test_top1, pre.step, cfg.tracking.close_timeout):
+                log.info("tracking: %s logged on the pretraining run %s", key, pre.run_id)
 
     def _stop_nonfinite(self, loss: float, grad: float, before: tuple | None, result: TrainResult) -> None:
         """Checkpoint the state before the offending step (weights were not updated) and stop."""

@@ -254,7 +254,7 @@ def test_eval_finetune_links_the_runs_and_logs_top1_on_both(tmp_path, digit_shar
     ft_run = client.get_run(report["mlflow_run_id"])
     pre_run_id = pre_meta["mlflow_run_id"] or run_file["run_id"]
     assert ft_run.data.tags["pretrained_run_id"] == pre_run_id
-    assert ft_run.data.metrics["finetune_top1"] == pytest.approx(report["finetune_top1"])
+    assert ft_run.data.metrics["test_top1"] == pytest.approx(report["finetune_top1"])
     pre_run = client.get_run(pre_run_id)
     assert pre_run.data.metrics["finetune_top1_10pct"] == pytest.approx(report["finetune_top1"])
 

@@ -15,6 +15,7 @@ from pretrain.models.resnet import ResNet
 from pretrain.models.vit import VisionTransformer
 from pretrain.recipes import config_from_saved
 from pretrain.rng import seed_everything
+from pretrain.tracking.local_record import read_run_file
 
 
 def load_method(
@@ -100,3 +101,33 @@ def check_encoder_checkpoint(checkpoint: str | Path, cfg: Config) -> None:
             f"data.image_size: the encoder of {path} has a trained position table for {saved.data.image_size} px; "
             f"fine-tune at that size, got {cfg.data.image_size}"
         )
+
+
+@dataclass
+class PretrainingRun:
+    """Where a fine-tune's encoder came from, for the link between the two MLflow runs."""
+
+    checkpoint: Path
+    method: str
+    step: int
+    run_id: str | None  # the pretraining run's MLflow run, when it was tracked
+    tracking_uri: str | None
+
+    def tags(self) -> dict[str, str]:
+        tags = {"pretrained_checkpoint": str(self.checkpoint.resolve()), "pretrained_method": self.method}
+        return tags | ({"pretrained_run_id": self.run_id} if self.run_id else {})
+
+
+def pretraining_run(checkpoint: str | Path) -> PretrainingRun:
+    """The run a checkpoint belongs to. Its MLflow run id is in meta.json, or, when the checkpoint was written
+    before the (asynchronous) tracker had created the run, in the run directory's tracking/run.json."""
+    path = find_checkpoint(checkpoint)
+    meta = read_meta(path)
+    run_file = read_run_file(path.parent.parent)  # <run>/checkpoints/step_N
+    return PretrainingRun(
+        path,
+        meta["config"]["method"]["name"],
+        int(meta["step"]),
+        meta.get("mlflow_run_id") or run_file.get("run_id"),
+        run_file.get("tracking_uri"),
+    )

@@ -4,7 +4,8 @@ head (pretrain/methods/finetune.py), then score the test split.
 The fine-tune is a training run of its own: a run directory (resumable: the same command continues it), the
 engines and launchers of any run, and an MLflow run in the pretraining run's store, tagged with the pretraining
 run's id. Its final top-1 is logged on both runs (on the pretraining run as `finetune_top1`, or
-`finetune_top1_10pct` for a label fraction).
+`finetune_top1_10pct` for a label fraction); the loop does both, so `pretrain train` and the launchers on a
+fine-tuning config get the same.
 
 The fine-tuning recipe is `--config`, else the one the pretraining config names (`eval.finetune_config`). The
 encoder's settings come from the checkpoint: its `model` section and the data normalization (`data.mean`,
@@ -15,44 +16,21 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pretrain.checkpoint import read_meta
-from pretrain.ckpt.load import load_method, pretrained_encoder
+from pretrain.ckpt.load import pretrained_encoder, pretraining_run
 from pretrain.config import Config, ConfigError, apply_overrides, read_toml
-from pretrain.data import build_eval_loader
 from pretrain.distributed import destroy_distributed
-from pretrain.engines.base import resolve_device
+from pretrain.eval.classify import percent_tag
 from pretrain.methods.finetune import data_classes
 from pretrain.recipes import config_from_dict, config_from_saved
-from pretrain.runtime.world import WorldInfo, world_from_env
+from pretrain.runtime.world import world_from_env
 from pretrain.tracking.local_record import read_run_file
 
 log = logging.getLogger("pretrain.eval")
-
-
-@torch.no_grad()
-def classification_top1(cfg: Config, network: torch.nn.Module, shards: str, device: torch.device) -> tuple[float, int]:
-    """(top-1, images) of a classifier on the test split (center crops, as kNN and the probe read it)."""
-    network.eval()
-    correct = total = 0
-    for batch in build_eval_loader(cfg, shards, "test"):
-        predicted = network(batch["image"].to(device)).argmax(dim=-1).cpu()
-        correct += int((predicted == batch["label"]).sum())
-        total += len(batch["label"])
-    if not total:
-        raise ValueError(f"no test images in {shards}")
-    return correct / total, total
-
-
-def percent_tag(fraction: float) -> str:
-    """0.1 -> "10pct", 0.01 -> "1pct", 0.125 -> "12.5pct"."""
-    return f"{100 * fraction:g}pct"
 
 
 def finetune_config(
@@ -112,37 +90,13 @@ def finetune_config(
         tracking["uri"] = pre_tracking["tracking_uri"]  # one store holds both runs, so the link can be followed
     tracking.setdefault("experiment", pre.tracking.experiment)
     cfg = config_from_dict(apply_overrides(raw, overrides or []))
+    # The Trainer links a fine-tune to its encoder's run; a random-init baseline names the run it takes its shape from.
     tags = {
-        "pretrained_checkpoint": str(path.resolve()),
-        "pretrained_method": pre.method.name,
+        **pretraining_run(path).tags(),
         "finetune_label_fraction": str(cfg.data.label_fraction),
         "finetune_init": "random" if random_init else "pretrained",
     }
-    # The checkpoint may predate the run's creation on the server (tracking is asynchronous); run.json has it then.
-    pre_run_id = meta.get("mlflow_run_id") or pre_tracking.get("run_id")
-    if pre_run_id:
-        tags["pretrained_run_id"] = pre_run_id
     return cfg, tags
-
-
-def log_metric_best_effort(tracking_uri: str, run_id: str, key: str, value: float, step: int, timeout: float) -> bool:
-    """Log one metric on an existing MLflow run from a daemon thread, waiting at most `timeout` seconds: an
-    unreachable server never holds up or fails the command. True when it was logged."""
-    done: dict[str, bool] = {}
-
-    def send() -> None:
-        try:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(tracking_uri).log_metric(run_id, key, value, step=step)
-            done["ok"] = True
-        except Exception as exc:  # any failure of the store or network
-            log.warning("tracking: could not log %s on run %s at %s: %s", key, run_id, tracking_uri, exc)
-
-    thread = threading.Thread(target=send, name="finetune-metric", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return done.get("ok", False)
 
 
 def evaluate_finetune(
@@ -160,48 +114,32 @@ def evaluate_finetune(
     started = time.perf_counter()
     cfg, tags = finetune_config(checkpoint, config, label_fraction, random_init, shards, overrides)
     try:
-        trainer = Trainer(cfg, tags=tags)
-        result = trainer.fit()
-        tracking_uri = trainer.tracker.tracking_uri
+        result = Trainer(cfg, tags=tags).fit()
     finally:
         destroy_distributed()
     world = world_from_env()
     if not world.is_main:
         return {"rank": world.rank}
-    _, method, path = load_method(result.checkpoint)
-    device = resolve_device(cfg.run.device, WorldInfo())
-    top1, images = classification_top1(cfg, method.inference_network().to(device), cfg.data.shards, device)
+    if result.test_top1 is None:
+        raise RuntimeError(f"the fine-tune stopped at step {result.step} of {cfg.train.steps} ({result.stopped_by})")
     fraction = cfg.data.label_fraction
-    logged = []
-    timeout = cfg.tracking.close_timeout
-    if cfg.tracking.enabled and result.mlflow_run_id:
-        if log_metric_best_effort(tracking_uri, result.mlflow_run_id, "finetune_top1", top1, result.step, timeout):
-            logged.append(f"fine-tune run {result.mlflow_run_id}")
-    pre_run = tags.get("pretrained_run_id")
-    if cfg.tracking.enabled and pre_run and not random_init:
-        pre_path = Path(tags["pretrained_checkpoint"])
-        pre_uri = read_run_file(pre_path.parent.parent).get("tracking_uri") or tracking_uri
-        key = "finetune_top1" if fraction == 1 else f"finetune_top1_{percent_tag(fraction)}"
-        if log_metric_best_effort(pre_uri, pre_run, key, top1, read_meta(pre_path)["step"], timeout):
-            logged.append(f"pretraining run {pre_run} as {key}")
     weights = (
         "random init" if random_init else f"{tags['pretrained_method']} checkpoint {tags['pretrained_checkpoint']}"
     )
     labels = "all labels" if fraction == 1 else f"{percent_tag(fraction)} of the labels"
     report = {
-        "checkpoint": str(path),
+        "checkpoint": str(result.checkpoint),
         "pretrained": tags["pretrained_checkpoint"],
         "weights": "random init" if random_init else "pretrained",
-        "finetune_top1": top1,
+        "finetune_top1": result.test_top1,
         "label_fraction": fraction,
         "steps": result.step,
-        "num_test": images,
+        "num_test": result.test_images,
         "mlflow_run_id": result.mlflow_run_id,
-        "logged_on": logged,
         "seconds": time.perf_counter() - started,
     }
     report["summary"] = (
-        f"fine-tune top-1 {100 * top1:.2f}% ({images} test images; {result.step} steps on {labels} from "
-        f"{weights}); run: {cfg.run_dir}"
+        f"fine-tune top-1 {100 * result.test_top1:.2f}% ({result.test_images} test images; {result.step} steps on "
+        f"{labels} from {weights}); run: {cfg.run_dir}"
     )
     return report

@@ -56,6 +56,11 @@ class Method(nn.Module, ABC):
         """Parameter names (as in `named_parameters`) kept out of weight decay beyond the optimizer's ndim <= 1 rule."""
         return set()
 
+    def test_classifier(self) -> nn.Module | None:
+        """A network mapping images to class logits, which the loop scores on the test split at the end of the
+        run (a fine-tune's); None for methods that train no classifier."""
+        return None
+
     def lr_scale(self, name: str) -> float:
         """The learning-rate multiplier of a parameter (fine-tuning's layer-wise decay). `name` is as in
         `named_parameters` after the engine wrapped blocks (activation checkpointing, compile add segments)."""

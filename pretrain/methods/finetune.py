@@ -178,6 +178,9 @@ class FineTune(Method):
     def inference_network(self) -> Classifier:
         return self.ema if self.ema is not None else self.classifier
 
+    def test_classifier(self) -> Classifier:
+        return self.inference_network()
+
     def transformer_blocks(self) -> list:
         networks = [self.classifier] + ([self.ema] if self.ema is not None else [])
         return [blocks for network in networks for blocks in backbone_blocks(network.backbone)]

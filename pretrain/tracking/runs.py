@@ -7,6 +7,7 @@ the same run: the run id when known, else the run tagged with the job's key, els
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from pretrain.tracking.store import local_artifact_location
@@ -91,3 +92,24 @@ def known_points(client: Any, run: Any) -> set[tuple[str, int]]:
     for key in run.data.metrics:
         known.update((m.key, int(m.step)) for m in client.get_metric_history(run.info.run_id, key))
     return known
+
+
+def log_metric_best_effort(tracking_uri: str, run_id: str, key: str, value: float, step: int, timeout: float) -> bool:
+    """Log one metric on an existing run (another job's: a fine-tune's score on its pretraining run) from a daemon
+    thread, waiting at most `timeout` seconds, so an unreachable server never holds up or fails the caller.
+    True when it was logged."""
+    done: list[bool] = []
+
+    def send() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri).log_metric(run_id, key, value, step=step)
+            done.append(True)
+        except Exception as exc:  # any failure of the store or the network
+            logger.warning("tracking: could not log %s on run %s at %s: %s", key, run_id, tracking_uri, exc)
+
+    thread = threading.Thread(target=send, name="log-metric", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(done)
