@@ -227,7 +227,8 @@ def test_a_finetune_starts_from_the_encoder_and_resumes_bit_identically(tmp_path
 
 
 def test_mixed_batches_train_on_soft_targets() -> None:
-    cfg = load_config(DIGITS_RECIPE, ["model.size=tiny", "model.patch_size=4", "data.image_size=8"])
+    mixing = ["method.finetune.mixup=0.8", "method.finetune.cutmix=1.0"]
+    cfg = load_config(DIGITS_RECIPE, ["model.size=tiny", "model.patch_size=4", "data.image_size=8", *mixing])
     method = build_method(cfg).eval()  # no drop path: the two forwards below see the same network
     torch.manual_seed(0)
     batch = {"image": torch.randn(4, 3, 8, 8), "label": torch.tensor([0, 1, 2, 3])}
@@ -236,9 +237,7 @@ def test_mixed_batches_train_on_soft_targets() -> None:
     direct = soft_target_cross_entropy(method.classifier(mixed["image"]), mixed["target"])
     assert loss.item() == pytest.approx(direct.item())
     assert not torch.equal(mixed["image"], batch["image"]) and mixed["target"].shape == (4, 10)
-    off = load_config(DIGITS_RECIPE, ["model.size=tiny", "model.patch_size=4", "method.finetune.mixup=0",
-                                      "method.finetune.cutmix=0"])  # fmt: skip
-    assert device_transform(off) is None
+    assert device_transform(load_config(DIGITS_RECIPE, ["model.size=tiny", "model.patch_size=4"])) is None
 
 
 def test_eval_finetune_links_the_runs_and_logs_top1_on_both(tmp_path, digit_shards, pretrained) -> None:
