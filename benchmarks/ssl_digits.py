@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import find_checkpoint, read_meta
+from pretrain.ckpt.load import pretrained_encoder
+from pretrain.config import ConfigError
 from pretrain.demo import ensure_digit_shards
 from pretrain.eval.classify import percent_tag
 from pretrain.eval.finetune import evaluate_finetune
@@ -74,8 +76,13 @@ def finished_checkpoint(out: Path, cfg) -> Path | None:
     return path if read_meta(path)["step"] == cfg.train.steps else None
 
 
-def finetune_scores(checkpoint: Path, cfg, out: Path, shards: Path) -> dict:
-    """Fine-tune top-1 at each label fraction, from the pretrained encoder and from its random init."""
+def finetune_scores(checkpoint: Path, cfg, out: Path, shards: Path) -> dict | str:
+    """Fine-tune top-1 at each label fraction, from the pretrained encoder and from its random init; or why the
+    checkpoint has no encoder to fine-tune (CPC's patch-grid encoder, the split-brain pair)."""
+    try:
+        pretrained_encoder(checkpoint)
+    except ConfigError as exc:
+        return str(exc)
     extra = RESNET_FINETUNE if cfg.model.arch != "vit" else []
     scores: dict[str, dict[str, float]] = {"pretrained": {}, "random_init": {}}
     for weights, random_init in (("pretrained", False), ("random_init", True)):
@@ -119,8 +126,11 @@ def run_method(name: str, out: Path, shards: Path, steps: int, reuse: bool, fine
             row[weights]["linear_top1"] = evaluate_linear(checkpoint, random_init=random_init)["linear_top1"]
     if finetune:
         started = time.perf_counter()
-        for weights, scores in finetune_scores(checkpoint, cfg, out, shards).items():
-            row[weights]["finetune_top1"] = scores
+        scores = finetune_scores(checkpoint, cfg, out, shards)
+        if isinstance(scores, str):
+            row["finetune_not_applicable"] = scores
+        for weights, top1 in scores.items() if isinstance(scores, dict) else ():
+            row[weights]["finetune_top1"] = top1
         row["finetune_seconds"] = round(time.perf_counter() - started, 1)
         row["finetune_config"] = str(FINETUNE_CONFIG.relative_to(ROOT))
     return row
@@ -142,7 +152,9 @@ def _pair(row: dict, *path: str) -> str:
         for key in path:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         values.append(f"{100 * node:.2f}%" if isinstance(node, float) else None)
-    return " / ".join(values) if all(values) else "not run"
+    if all(values):
+        return " / ".join(values)
+    return "n/a" if path[0] == "finetune_top1" and "finetune_not_applicable" in row else "not run"
 
 
 def table(results: dict[str, dict]) -> str:
