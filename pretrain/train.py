@@ -123,6 +123,7 @@ class Trainer:
         self.world = world_from_env()
         self.run_dir = cfg.run_dir
         self._tags = dict(tags or {})
+        self._own_data = loader is None  # the run reads data.shards (not a benchmark's synthetic batch)
         # Before any work: the data spec names shards, the method's files fit it, the run directory is writable
         # and this job's alone, and a resume names a complete checkpoint whose settings may change as asked.
         if loader is None:
@@ -361,7 +362,7 @@ class Trainer:
     def fit(self, until: int | None = None, save_final: bool = True) -> TrainResult:
         """Train to `train.steps`, or stop early after step `until` (the schedule still spans
         train.steps), e.g. for jobs that get a fixed slice of a cluster's time. `save_final=False`
-        skips the checkpoint at the end (benchmarks)."""
+        skips the checkpoint and the test-split score at the end (benchmarks)."""
         cfg = self.cfg
         if self.world.is_main and not self.lock.held:  # a second fit() of this trainer
             self.lock.acquire(self._force_lock)
@@ -405,7 +406,7 @@ class Trainer:
             if save_final and self._last_saved != self.step:
                 result.checkpoint = self.save_checkpoint()
             result.checkpoint = self.checkpoints.wait() or result.checkpoint
-            if not result.stopped_by and self.step == cfg.train.steps:
+            if save_final and self._own_data and not result.stopped_by and self.step == cfg.train.steps:
                 self._score_test_split(result)
             status = "KILLED" if result.stopped_by else "FINISHED"
         except KeyboardInterrupt:
