@@ -264,3 +264,26 @@ def test_two_ranks_match_one_process(engine_runs, case) -> None:
     """Same global batch, same steps: losses, parameters (learning rates per layer) and the EMA agree."""
     state = check_case(engine_runs, case)
     assert not torch.equal(state["ema.head.weight"], state["classifier.head.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp_meta_init_loads_the_encoder_into_the_shards(tmp_path, digit_shards, pretrained) -> None:
+    """Built on the meta device and materialized shard by shard, the fine-tune still starts from the encoder (and
+    its EMA too): after one step at a negligible rate, the saved weights are the pretrained ones."""
+    from pretrain.ckpt.load import load_method
+
+    from test_engines import torchrun
+
+    sets = finetune_overrides(
+        tmp_path, digit_shards, pretrained, "engine.kind=fsdp", "engine.fsdp.meta_init=true", "run.device=cpu",
+        "train.steps=1", "optim.base_lr=1e-12", "optim.min_lr=0", "optim.weight_decay=0", "method.finetune.ema_decay=0.5",
+    )  # fmt: skip
+    args = ["-m", "pretrain.cli", "train", str(DIGITS_RECIPE), *[a for s in sets for a in ("--set", s)]]
+    torchrun(2, args)
+    _, method, _ = load_method(tmp_path / "ft")
+    _, encoder, _ = load_encoder_state(pretrained)
+    for network in (method.classifier, method.ema):
+        for name, tensor in network.backbone.state_dict().items():
+            torch.testing.assert_close(tensor, encoder[name], rtol=0, atol=1e-6, msg=name)
+    lines = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("test_top1" in line for line in lines)  # both ranks scored the test split at the end
