@@ -24,7 +24,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from data_pipeline.loader import merge_states
 from pretrain.checkpoint import CheckpointManager, dcp_load, find_checkpoint, load_rank_state, read_meta, resolve_resume
-from pretrain.ckpt.load import PretrainingRun, check_encoder_checkpoint, load_encoder_state, pretraining_run
+from pretrain.ckpt.load import (
+    PretrainedEncoder,
+    PretrainingRun,
+    check_encoder_checkpoint,
+    load_encoder_state,
+    pretraining_run,
+)
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_train_loader, check_data_spec
 from pretrain.distributed import all_reduce_mean, gather_floats
@@ -130,9 +136,10 @@ class Trainer:
             check_data_spec(cfg)
         preflight_method(cfg)
         self.encoder_checkpoint = encoder_checkpoint(cfg)
+        self.encoder: PretrainedEncoder | None = None  # the encoder a new run starts from, checked, loaded later
         self.pretraining: PretrainingRun | None = None  # where the encoder came from: linked in MLflow
         if self.encoder_checkpoint:
-            check_encoder_checkpoint(self.encoder_checkpoint, cfg)
+            self.encoder = check_encoder_checkpoint(self.encoder_checkpoint, cfg)
             self.pretraining = pretraining_run(self.encoder_checkpoint)
             self._tags = {**self.pretraining.tags(), **self._tags}
         self.engine = build_engine(cfg, self.world)  # checks the engine's options against the device
@@ -169,8 +176,8 @@ class Trainer:
         with self.engine.init_context():
             self.method = build_method(cfg)  # hooks and pictures; `model` is what the engine wrapped for training
         initial = {}
-        if self.encoder_checkpoint and self.resumed_from is None:
-            _, encoder, source = load_encoder_state(self.encoder_checkpoint)
+        if self.encoder is not None and self.resumed_from is None:
+            _, encoder, source = load_encoder_state(self.encoder)
             initial = self.method.initial_state(encoder)
             log.info("encoder weights from %s", source)
         on_meta = any(p.is_meta for p in self.method.parameters())

@@ -74,18 +74,18 @@ def pretrained_encoder(checkpoint: str | Path) -> PretrainedEncoder:
     return PretrainedEncoder(path, cfg, prefix, type(network), network.state_dict())
 
 
-def load_encoder_state(checkpoint: str | Path) -> tuple[Config, dict[str, torch.Tensor], Path]:
+def load_encoder_state(checkpoint: str | Path | PretrainedEncoder) -> tuple[Config, dict[str, torch.Tensor], Path]:
     """(the checkpoint's config, its encoder's weights under the encoder's own names, the checkpoint path): what
-    fine-tuning attaches a head to, read alone from the DCP checkpoint."""
-    encoder = pretrained_encoder(checkpoint)
+    fine-tuning attaches a head to, read alone from the DCP checkpoint (or the one `pretrained_encoder` found)."""
+    encoder = checkpoint if isinstance(checkpoint, PretrainedEncoder) else pretrained_encoder(checkpoint)
     state = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in encoder.shapes.items()}
     dcp_load({"model": {f"{encoder.prefix}.{name}": tensor for name, tensor in state.items()}}, encoder.path)
     return encoder.cfg, state, encoder.path
 
 
-def check_encoder_checkpoint(checkpoint: str | Path, cfg: Config) -> None:
+def check_encoder_checkpoint(checkpoint: str | Path, cfg: Config) -> PretrainedEncoder:
     """Before any work: `checkpoint` exists, is DCP, holds a ViT or ResNet encoder, and `cfg.model` builds the
-    same network (attention kernel aside). Reads meta.json only."""
+    same network (attention kernel aside). Reads meta.json only; returns what it found, for loading later."""
     encoder = pretrained_encoder(checkpoint)
     path, saved = encoder.path, encoder.cfg
     before, now = saved.model, cfg.model
@@ -101,6 +101,7 @@ def check_encoder_checkpoint(checkpoint: str | Path, cfg: Config) -> None:
             f"data.image_size: the encoder of {path} has a trained position table for {saved.data.image_size} px; "
             f"fine-tune at that size, got {cfg.data.image_size}"
         )
+    return encoder
 
 
 @dataclass

@@ -143,14 +143,15 @@ class Classifier(nn.Module):
 
 
 class FineTune(Method):
-    def __init__(self, classifier: Classifier, label_smoothing: float = 0.0, ema_decay: float = 0.0) -> None:
+    def __init__(
+        self, classifier: Classifier, label_smoothing: float = 0.0, ema_decay: float = 0.0, layer_decay: float = 1.0
+    ) -> None:
         super().__init__()
         self.classifier = classifier
-        self.label_smoothing, self.ema_decay = label_smoothing, ema_decay
+        self.label_smoothing, self.ema_decay, self.layer_decay = label_smoothing, ema_decay, layer_decay
         self.ema = copy.deepcopy(classifier).requires_grad_(False) if ema_decay > 0 else None
         backbone = classifier.backbone
         self.depth = len(backbone.blocks) if isinstance(backbone, VisionTransformer) else 0
-        self.layer_decay = 1.0
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -294,9 +295,8 @@ def build(cfg: Config) -> FineTune:
     else:
         backbone = build_resnet_backbone(cfg)
     classifier = Classifier(backbone, ft.num_classes, ft.pool, ft.fc_norm, ft.head_init_std)
-    method = FineTune(classifier, 0.0 if ft.mixup or ft.cutmix else ft.label_smoothing, ft.ema_decay)
-    method.layer_decay = ft.layer_decay
-    return method
+    smoothing = 0.0 if ft.mixup or ft.cutmix else ft.label_smoothing  # else Mixup smooths the soft targets
+    return FineTune(classifier, smoothing, ft.ema_decay, ft.layer_decay)
 
 
 def train_transform(cfg: Config) -> Compose:
