@@ -98,13 +98,13 @@ def global_views(step: int, size: int = 16) -> list[torch.Tensor]:
     return [torch.randn(IMAGES, 3, size, size, generator=generator) for _ in range(2)]
 
 
-def batch_of(cfg, step: int, mine: slice) -> dict:
+def batch_of(cfg, step: int, mine: slice, dtype: torch.dtype) -> dict:
     """This rank's slice of step's global batch: two views for the contrastive methods, one labelled image else."""
     views = global_views(step, cfg.data.image_size)
     if cfg.method.name != "finetune":
-        return {"image": [view[mine].double() for view in views]}
+        return {"image": [view[mine].to(dtype) for view in views]}
     labels = torch.arange(IMAGES) % cfg.method.finetune.num_classes
-    return {"image": views[0][mine].double(), "label": labels[mine]}
+    return {"image": views[0][mine].to(dtype), "label": labels[mine]}
 
 
 def train_steps(cfg, world) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -112,7 +112,8 @@ def train_steps(cfg, world) -> tuple[list[float], dict[str, torch.Tensor]]:
     the losses (averaged over ranks) and the whole state (parameters and buffers) in float32 on the CPU.
     Run it in float64 (torch.set_default_dtype): the comparison is then exact up to summation order (in
     float32 the BatchNorms of a freshly initialized ResNet on noise amplify the rounding differences of
-    batch 8 vs 4 convolutions to ~1e-2)."""
+    batch 8 vs 4 convolutions to ~1e-2). ZeRO holds float32, bfloat16 or float16 parameters only (DeepSpeed
+    0.19.8 asserts it): its runs start from the same float64 initialization, rounded to float32."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from pretrain.engines import ENGINES
@@ -123,6 +124,9 @@ def train_steps(cfg, world) -> tuple[list[float], dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     with engine.init_context():
         method = build_method(cfg)
+    if cfg.engine.kind == "deepspeed":
+        method.float()
+    dtype = next(method.parameters()).dtype
     model, optimizer = engine.setup(
         method, lambda m: build_optimizer(m, cfg.optim, cfg.optim.base_lr, m.no_weight_decay(), m.lr_scale)
     )
@@ -130,7 +134,7 @@ def train_steps(cfg, world) -> tuple[list[float], dict[str, torch.Tensor]]:
     mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
     losses = []
     for step in range(STEPS):
-        batch = batch_of(cfg, step, mine)
+        batch = batch_of(cfg, step, mine, dtype)
         with engine.accumulate(model, True), engine.autocast():
             loss = model(batch)["loss"]
             engine.backward(loss)
