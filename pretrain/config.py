@@ -155,7 +155,7 @@ class ModelConfig:
     resnet_zero_init_residual: bool = False
     # ResNet only: see ResNetNorm.
     resnet_norm: ResNetNorm = "batch"
-    # tiny | small | base | large | huge (pretrain/models/vit.py: VIT_SIZES).
+    # tiny | small | base | large | huge | giant2 (DINOv2's ViT-g; pretrain/models/vit.py: VIT_SIZES).
     size: str = "base"
     patch_size: int = bounded(16, gt=0)
     in_chans: int = bounded(3, gt=0)
@@ -173,6 +173,16 @@ class ModelConfig:
     # xavier (MAE) | xavier_split_qkv: q, k, v each Xavier, cls N(0, 1e-6) (MoCo v3) | trunc_normal: std 0.02
     # linears, cls and learned positions, default patch conv (DINO). pretrain/models/vit.py says more.
     init: ViTInit = "xavier"
+    # > 0: LayerScale on every residual branch, started at this value (DINOv2: 1e-5); 0: none.
+    layer_scale: float = bounded(0.0, ge=0)
+    # mlp | swiglu: DINOv2's gated feed-forward (ViT-g/14), two thirds of the MLP's width rounded up to 8.
+    ffn: Literal["mlp", "swiglu"] = "mlp"
+    # Register tokens after the cls token (Darcet et al. 2024; DINOv2 with registers: 4); no output of the
+    # patches includes them.
+    num_register_tokens: int = bounded(0, ge=0)
+    # Stochastic depth (its rate is the method's): per_sample (timm) | subset (DINOv2: a block whose rate
+    # exceeds 0.1 runs its branches on a random subset of the batch, the rest skip the compute).
+    drop_path_mode: Literal["per_sample", "subset"] = "per_sample"
 
 
 @dataclass

@@ -42,13 +42,19 @@ def linear_flops(tokens: float, d_in: int, d_out: int) -> float:
     return 2.0 * tokens * d_in * d_out
 
 
-def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
-    """One pre-norm transformer block on `tokens` tokens: qkv, scores, weighted sum, output projection, MLP.
+def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0, ffn: str = "mlp") -> float:
+    """One pre-norm transformer block on `tokens` tokens: qkv, scores, weighted sum, output projection, MLP
+    (or SwiGLU: its fused 2 x hidden input linear and its output linear).
 
     The head count does not matter: heads split the width, and scores + sum are 2 x tokens^2 x dim MACs."""
-    hidden = int(dim * mlp_ratio)
+    from pretrain.models.transformer import swiglu_hidden
+
     projections = linear_flops(tokens, dim, 3 * dim) + linear_flops(tokens, dim, dim)
     attention = 2 * (2.0 * tokens * tokens * dim)
+    if ffn == "swiglu":
+        hidden = swiglu_hidden(dim, mlp_ratio)
+        return projections + attention + linear_flops(tokens, dim, 2 * hidden) + linear_flops(tokens, hidden, dim)
+    hidden = int(dim * mlp_ratio)
     mlp = linear_flops(tokens, dim, hidden) + linear_flops(tokens, hidden, dim)
     return projections + attention + mlp
 
@@ -62,14 +68,17 @@ def vit_flops(
     mlp_ratio: float = 4.0,
     kept_patches: int | None = None,
     num_classes: int = 0,
+    prefix_tokens: int = 1,
+    ffn: str = "mlp",
 ) -> tuple[float, float]:
-    """(patch embedding, cls token + blocks + head) FLOPs of one image through our VisionTransformer.
+    """(patch embedding, cls token + registers + blocks + head) FLOPs of one image through our VisionTransformer.
 
-    The patch embedding runs on every patch; `kept_patches` (MAE's visible set) enter the blocks."""
+    The patch embedding runs on every patch; `kept_patches` (MAE's visible set) and the `prefix_tokens`
+    (cls and registers) enter the blocks."""
     patches = (image_size // patch_size) ** 2
-    tokens = (patches if kept_patches is None else kept_patches) + 1
+    tokens = (patches if kept_patches is None else kept_patches) + prefix_tokens
     embed = linear_flops(patches, patch_size * patch_size * in_chans, dim)
-    body = depth * block_flops(tokens, dim, mlp_ratio) + linear_flops(1, dim, num_classes)
+    body = depth * block_flops(tokens, dim, mlp_ratio, ffn) + linear_flops(1, dim, num_classes)
     return embed, body
 
 

@@ -16,8 +16,11 @@ from pretrain.models.resnet import RESNET_DEPTHS, STAGE_WIDTHS, ResNet, build_re
 from pretrain.models.vit import VIT_SIZES, VisionTransformer, build_vit
 
 
-def build_vit_backbone(cfg: Config, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """The `model.*` ViT; `drop_path_rate` > 0 adds stochastic depth (fine-tuning)."""
+def build_vit_backbone(
+    cfg: Config, drop_path_rate: float = 0.0, drop_path_uniform: bool = False, mask_token: bool = False
+) -> VisionTransformer:
+    """The `model.*` ViT; `drop_path_rate` > 0 adds stochastic depth (fine-tuning, DINOv2's student), the
+    same at every block with `drop_path_uniform`; `mask_token` for a method that masks patches (iBOT)."""
     model = cfg.model
     return build_vit(
         model.size,
@@ -31,6 +34,12 @@ def build_vit_backbone(cfg: Config, drop_path_rate: float = 0.0) -> VisionTransf
         pos_interpolation=model.pos_interpolation,
         init=model.init,
         drop_path_rate=drop_path_rate,
+        drop_path_uniform=drop_path_uniform,
+        drop_path_mode=model.drop_path_mode,
+        layer_scale=model.layer_scale,
+        ffn=model.ffn,
+        num_register_tokens=model.num_register_tokens,
+        mask_token=mask_token,
     )
 
 
@@ -115,7 +124,16 @@ def vit_backbone_flops(
     """One image through the backbone; a frozen patch embedding (MoCo v3) gets no backward FLOPs."""
     dim, depth, _ = VIT_SIZES[cfg.model.size]
     model = cfg.model
-    embed, body = vit_flops(image_size, model.patch_size, model.in_chans, dim, depth, kept_patches=kept_patches)
+    embed, body = vit_flops(
+        image_size,
+        model.patch_size,
+        model.in_chans,
+        dim,
+        depth,
+        kept_patches=kept_patches,
+        prefix_tokens=1 + model.num_register_tokens,
+        ffn=model.ffn,
+    )
     return FlopCount(body, embed) if frozen_embed else FlopCount(embed + body)
 
 

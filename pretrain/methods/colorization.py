@@ -283,7 +283,7 @@ def dense_logits(net: Backbone, head: nn.Module, x: Tensor, downsample: int, cla
     """[B, classes, H / downsample, W / downsample]."""
     if isinstance(net, ResNet):
         return head(net.forward_feature_map(x))
-    tokens = net.forward_tokens(x)[:, 1:]
+    tokens = net.patch_tokens(net.forward_tokens(x))
     return unpatchify(head(tokens), net.patch_size // downsample, classes)
 
 

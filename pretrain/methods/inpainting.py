@@ -179,7 +179,7 @@ class ContextEncoder(EncoderHooks, Method):
         """Pixels [B, C, H, W] predicted from the image with the masked pixels set to the mean (0)."""
         if isinstance(self.backbone, ResNet):
             return self.decoder(self.backbone.forward_feature_map(images * (1 - mask)))
-        tokens = self.backbone.forward_tokens(images * (1 - mask))[:, 1:]
+        tokens = self.backbone.patch_tokens(self.backbone.forward_tokens(images * (1 - mask)))
         return unpatchify(self.decoder(tokens), self.backbone.patch_size, images.shape[1])
 
     def judged_region(self, images: Tensor) -> Tensor:

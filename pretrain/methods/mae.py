@@ -198,6 +198,10 @@ class MaskedAutoencoder(Method):
 
 def validate(cfg: Config) -> None:
     validate_vit_backbone(cfg)
+    if cfg.model.num_register_tokens:
+        raise ConfigError(
+            "model.num_register_tokens: MAE's decoder takes the cls token and the patches only; use 0 registers"
+        )
     mae = cfg.method.mae
     if mae.decoder_dim % mae.decoder_heads:
         raise ConfigError(

@@ -15,6 +15,12 @@ are options, so each recipe can follow its paper:
   "xavier_split_qkv" (MoCo v3: q, k and v each Xavier-uniform, i.e. the fan of a third of the fused
   qkv, cls N(0, 1e-6)); "trunc_normal" (DINO: linears, cls and learned positions truncated-normal with
   std 0.02, the patch conv at PyTorch's default).
+
+DINOv2's parts are options too: LayerScale (`layer_scale`), a SwiGLU feed-forward (`ffn`), register
+tokens (`num_register_tokens`, Darcet et al. 2024: extra learned tokens after the cls token, without
+positions, that no patch output includes), a mask token for iBOT (`mask_token`), stochastic depth
+uniform over the blocks or DINOv2's subset form (`drop_path_uniform`, `drop_path_mode`), and the size
+"giant2" (1536 wide, 40 blocks, 24 heads: DINOv2's ViT-g/14, not the 1408-wide ViT-g of Zhai et al.).
 """
 
 import math
@@ -26,7 +32,13 @@ from torch import Tensor, nn
 
 from pretrain.config import FeaturePool, PosEmbed, PosInterpolation, ViTInit
 from pretrain.models.pos_embed import sincos_pos_embed_2d
-from pretrain.models.transformer import Block, init_linear_and_norm, init_trunc_normal_and_norm
+from pretrain.models.transformer import (
+    FFN,
+    Block,
+    DropPathMode,
+    init_linear_and_norm,
+    init_trunc_normal_and_norm,
+)
 
 POOLS: tuple[str, ...] = get_args(FeaturePool)
 POS_EMBEDS: tuple[str, ...] = get_args(PosEmbed)
@@ -40,6 +52,7 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
+    "giant2": (1536, 40, 24),  # DINOv2's ViT-g/14 (vit_giant2 in its code), with ffn="swiglu"
 }
 
 
@@ -109,6 +122,12 @@ class VisionTransformer(nn.Module):
         pos_interpolation: str = "size",
         init: str = "xavier",
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        drop_path_mode: DropPathMode = "per_sample",
+        layer_scale: float = 0.0,
+        ffn: FFN = "mlp",
+        num_register_tokens: int = 0,
+        mask_token: bool = False,
     ) -> None:
         super().__init__()
         for name, value, options in (
@@ -130,6 +149,11 @@ class VisionTransformer(nn.Module):
         self.pos_interpolation, self.init = pos_interpolation, init
         # Rows of the table before the patches': 1 when the cls token has a position of its own.
         self.num_prefix_positions = 1 if pos_embed == "learned_cls" else 0
+        if num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
+        self.num_register_tokens = num_register_tokens
+        # Tokens before the patches' in every output: cls, then the registers.
+        self.num_prefix_tokens = 1 + num_register_tokens
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
@@ -138,10 +162,29 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", table, persistent=False)
         else:
             self.pos_embed = nn.Parameter(table)
-        # Stochastic depth rising linearly from 0 at the first block to drop_path_rate at the last (timm, MAE).
-        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.register_tokens = (
+            nn.Parameter(torch.empty(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        # iBOT's masked patches: the patch embedding replaced by this learned token (DINOv2's [1, D]).
+        self.mask_token = nn.Parameter(torch.empty(1, embed_dim)) if mask_token else None
+        # Stochastic depth rising linearly from 0 at the first block to drop_path_rate at the last (timm,
+        # MAE, DINOv2's default), or drop_path_rate at every block (DINOv2's ViT-g recipe).
+        if drop_path_uniform:
+            rates = [drop_path_rate] * depth
+        else:
+            rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, attn_backend=attn_backend, drop_path=rate)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                attn_backend=attn_backend,
+                drop_path=rate,
+                layer_scale=layer_scale,
+                ffn=ffn,
+                drop_path_mode=drop_path_mode,
+            )
             for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -152,6 +195,10 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialize parameters and the position buffer, e.g. after building on the meta device and `to_empty`."""
         conv = self.patch_embed.proj
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)  # DINOv2
+        if self.mask_token is not None:
+            nn.init.zeros_(self.mask_token)  # DINOv2
         if self.pos_embed_kind == "sincos":
             table = sincos_pos_embed_2d(self.grid_size, self.grid_size, self.embed_dim, row_first=self.sincos_row_first)
             self.pos_embed.copy_(table.unsqueeze(0))
@@ -178,21 +225,43 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token"}
+        """The learned tokens (timm's and MAE's rule for the cls token, extended to the registers and the mask token)."""
+        names = {"cls_token"}
+        if self.register_tokens is not None:
+            names.add("register_tokens")
+        if self.mask_token is not None:
+            names.add("mask_token")
+        return names
 
-    def forward_tokens(self, images: Tensor, keep_indices: Tensor | None = None) -> Tensor:
-        """Normalized tokens [B, 1 + K, D], cls first.
+    def embed(self, images: Tensor, keep_indices: Tensor | None = None, masks: Tensor | None = None) -> Tensor:
+        """The blocks' input [B, P + K, D]: cls, registers (P prefix tokens), then the patches.
 
-        `keep_indices` [B, K] selects which patches enter the encoder (MAE's visible set); positions are
-        added before the selection so every kept token carries its original location.
-        """
-        tokens = self.patch_embed(images) + self.position_embedding(*images.shape[-2:])
+        `masks` [B, L] (True = masked) replaces those patches' embeddings by the mask token before positions are
+        added (iBOT). `keep_indices` [B, K] selects which patches enter the encoder (MAE's visible set);
+        positions are added before the selection so every kept token carries its original location."""
+        tokens = self.patch_embed(images)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("masks given to a ViT built without a mask token (mask_token=True)")
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
+        tokens = tokens + self.position_embedding(*images.shape[-2:])
         if keep_indices is not None:
             tokens = tokens.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        x = torch.cat([self.cls_with_position().expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        prefix = [self.cls_with_position().expand(tokens.shape[0], -1, -1)]
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(tokens.shape[0], -1, -1))
+        return torch.cat([*prefix, tokens], dim=1)
+
+    def forward_tokens(self, images: Tensor, keep_indices: Tensor | None = None, masks: Tensor | None = None) -> Tensor:
+        """Normalized tokens [B, P + K, D]: cls first, then the registers, then the patches (see `embed`)."""
+        x = self.embed(images, keep_indices, masks)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def patch_tokens(self, tokens: Tensor) -> Tensor:
+        """The patches' part [B, K, D] of `forward_tokens`' output: no cls, no registers."""
+        return tokens[:, self.num_prefix_tokens :]
 
     def cls_with_position(self) -> Tensor:
         """[1, 1, D]: the cls token, plus its own position when the table has one."""
@@ -220,17 +289,11 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def last_attention(self, images: Tensor) -> Tensor:
         """The last block's attention from the cls token to every patch, [B, heads, grid_h, grid_w]."""
-        x = torch.cat(
-            [
-                self.cls_with_position().expand(images.shape[0], -1, -1),
-                self.patch_embed(images) + self.position_embedding(*images.shape[-2:]),
-            ],
-            dim=1,
-        )
+        x = self.embed(images)
         for block in self.blocks[:-1]:
             x = block(x)
         last = self.blocks[-1]
-        weights = last.attn.attention_weights(last.norm1(x))[:, :, 0, 1:]
+        weights = last.attn.attention_weights(last.norm1(x))[:, :, 0, self.num_prefix_tokens :]
         return weights.reshape(*weights.shape[:2], images.shape[-2] // self.patch_size, -1)
 
     def forward_features(self, images: Tensor, pool: str | None = None) -> Tensor:
@@ -240,7 +303,7 @@ class VisionTransformer(nn.Module):
         if pool == "cls":
             return tokens[:, 0]
         if pool == "mean":
-            return tokens[:, 1:].mean(dim=1)
+            return self.patch_tokens(tokens).mean(dim=1)
         raise ValueError(f"unknown pool {pool!r}; expected one of {POOLS}")
 
     def published_parameter_count(self, num_classes: int = 1000) -> int:
