@@ -27,13 +27,19 @@ def dino_loss(
 
     mean over `multicrop_pairs` of mean over the batch of -sum_k P_t[k] log P_s[k].
     """
-    if student_logits.ndim != 3 or teacher_logits.ndim != 3 or student_logits.shape[1:] != teacher_logits.shape[1:]:
+    return dino_cross_entropy(student_logits, teacher_probabilities(teacher_logits, center, teacher_temp), student_temp)
+
+
+def dino_cross_entropy(student_logits: Tensor, teacher_probs: Tensor, student_temp: float) -> Tensor:
+    """student_logits [V, B, K] (global views first), teacher target distributions [G, B, K] (centered and
+    sharpened, or Sinkhorn-Knopp's: DINOv2) -> the mean over `multicrop_pairs` of the batch-mean cross-entropy."""
+    if student_logits.ndim != 3 or teacher_probs.ndim != 3 or student_logits.shape[1:] != teacher_probs.shape[1:]:
         raise ValueError(
             f"dino_loss expects student [V, B, K] and teacher [G, B, K], got {tuple(student_logits.shape)} "
-            f"and {tuple(teacher_logits.shape)}"
+            f"and {tuple(teacher_probs.shape)}"
         )
-    num_global, num_views = teacher_logits.shape[0], student_logits.shape[0]
-    teacher = teacher_probabilities(teacher_logits, center, teacher_temp)  # [G, B, K]
+    num_global, num_views = teacher_probs.shape[0], student_logits.shape[0]
+    teacher = teacher_probs.float()
     student = (student_logits.float() / student_temp).log_softmax(dim=-1)  # [V, B, K]
     cross = -torch.einsum("gbk,vbk->gv", teacher, student) / student.shape[1]  # mean CE for every pair
     pairs = multicrop_pairs(num_global, num_views)
