@@ -81,7 +81,37 @@ def finetune_overrides(*extra: str) -> list[str]:
     ]
 
 
-OVERRIDES = {"simclr": simclr_overrides, "moco_v2": moco_overrides, "finetune": finetune_overrides}
+def dinov2_overrides(*extra: str) -> list[str]:
+    """A ViT-tiny/4 with LayerScale and 2 registers on 16 px crops, narrow heads, iBOT masks and Sinkhorn-Knopp
+    targets over both ranks. KoLeo is off (it is per rank's batch by design) and so is stochastic depth (it
+    draws per micro-batch from the loop's seeding, which this harness does not run)."""
+    return [
+        "method.name=dinov2",
+        "model.size=tiny",
+        "model.patch_size=4",
+        "model.layer_scale=0.1",
+        "model.num_register_tokens=2",
+        "model.pos_embed=learned_cls",
+        "model.init=trunc_normal",
+        "data.image_size=16",
+        "method.dinov2.out_dim=64",
+        "method.dinov2.hidden_dim=32",
+        "method.dinov2.bottleneck_dim=16",
+        "method.dinov2.koleo_weight=0",
+        "method.dinov2.drop_path_rate=0",
+        "method.dinov2.mask_probability=0.75",
+        "run.device=cpu",
+        "optim.lr_scaling=none",
+        *extra,
+    ]
+
+
+OVERRIDES = {
+    "simclr": simclr_overrides,
+    "moco_v2": moco_overrides,
+    "finetune": finetune_overrides,
+    "dinov2": dinov2_overrides,
+}
 
 
 def run_config(run: str, engines: bool = True):

@@ -47,6 +47,19 @@ METHODS = {
         "method.dino.hidden_dim=96",
         "method.dino.bottleneck_dim=32",
     ],
+    # iBOT's masked-token count is random and KoLeo's neighbour search is not in the analytic count: both off.
+    "dinov2": [
+        "method.name=dinov2",
+        "data.local_crops=3",
+        "data.local_crop_size=16",
+        "method.dinov2.out_dim=128",
+        "method.dinov2.hidden_dim=96",
+        "method.dinov2.bottleneck_dim=32",
+        "method.dinov2.ibot_weight=0",
+        "method.dinov2.koleo_weight=0",
+        "model.num_register_tokens=2",
+        "model.ffn=swiglu",
+    ],
     "dit": [
         "method.name=dit",
         "method.dit.space=pixel",
@@ -75,6 +88,7 @@ def small_batch(cfg) -> dict:
         "moco": [size, size],
         "moco_v2": [size, size],
         "dino": [size, size] + [cfg.data.local_crop_size] * cfg.data.local_crops,
+        "dinov2": [size, size] + [cfg.data.local_crop_size] * cfg.data.local_crops,
     }
     sizes = views[cfg.method.name]
     if not sizes:

@@ -43,6 +43,32 @@ def build_vit_backbone(
     )
 
 
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the segments engine wrappers add."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+# Backbone parameters before the first block: layer 0 of the layer-wise learning-rate decay.
+_LAYER_ZERO = ("cls_token", "pos_embed", "patch_embed", "register_tokens", "mask_token")
+
+
+def vit_layer_decay(name: str, depth: int, decay: float) -> float:
+    """decay^(depth + 1 - layer id) for the parameter `name` (clean, "backbone." first for the encoder's):
+    ids as MAE's get_layer_id_for_vit and DINOv2's get_vit_lr_decay_rate, 0 for the patch embedding, tokens and
+    positions, i + 1 for block i, depth + 1 (scale 1) for the rest of the encoder and anything outside it."""
+    parts = name.split(".")
+    layer = depth + 1
+    if parts[0] == "backbone" and len(parts) > 1:
+        if parts[1] in _LAYER_ZERO:
+            layer = 0
+        elif parts[1] == "blocks":
+            layer = int(parts[2]) + 1
+    return decay ** (depth + 1 - layer)
+
+
 def resnet_depth(cfg: Config) -> int:
     return int(cfg.model.arch.removeprefix("resnet"))
 

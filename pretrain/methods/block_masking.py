@@ -2,10 +2,10 @@
 random area and aspect ratio added until a per-image target count of patches is reached, with the targets
 of a batch spread over [ratio_min, ratio_max] in equal strata.
 
-Random numbers come from torch's CPU generator (the global one unless a generator is given), which the
-loop seeds per micro-batch and checkpoints, so masks replay on resume and N ranks draw what one process
-draws with N accumulation steps. The released code uses Python's `random`; the draws are the same
-distributions, not the same numbers."""
+Random numbers come from torch CPU generators seeded from the run's seed, the step and the crop's row in
+the global batch (`ibot_masks`), so masks replay on resume and N ranks draw what one process draws on the
+whole batch. The released code uses Python's `random` per rank's batch; the draws are the same
+distributions, stratified over the global batch instead of each rank's, not the same numbers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from data_pipeline.reader import derive_seed
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -70,21 +72,35 @@ class BlockMasking:
 
 
 def ibot_masks(
-    batch: int,
+    rows: range,
+    total: int,
     masking: BlockMasking,
     probability: float = 0.5,
     ratio: tuple[float, float] = (0.1, 0.5),
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> Tensor:
-    """[batch, grid * grid] masks (True = masked) for the global crops of a batch: int(batch x probability)
-    of them masked, the i-th with a target ratio uniform in the i-th of equal strata of `ratio`, the rest
-    empty, all in a random order (DINOv2's collate_data_and_cast)."""
+    """[len(rows), grid * grid] masks (True = masked) for `rows` of a batch of `total` global crops: int(total x
+    probability) of the crops masked, the i-th with a target ratio uniform in the i-th of equal strata of
+    `ratio`, the rest empty, the strata dealt to crops in a random order (DINOv2's collate_data_and_cast).
+
+    Which crop gets which stratum comes from `seed`, and each crop's mask from (seed, its row): a rank
+    drawing its own rows of the global batch gets what one process drawing all of them gets."""
     if not 0 <= probability <= 1 or not 0 <= ratio[0] <= ratio[1] <= 1:
         raise ValueError(f"bad iBOT masking: probability {probability}, ratio {ratio}")
+    if rows.start < 0 or rows.stop > total:
+        raise ValueError(f"rows {rows} outside a batch of {total}")
     patches = masking.grid * masking.grid
-    masked = int(batch * probability)
+    masked = int(total * probability)
     bounds = torch.linspace(ratio[0], ratio[1], masked + 1).tolist()
-    masks = [masking(int(patches * _uniform(bounds[i], bounds[i + 1], generator)), generator) for i in range(masked)]
-    masks += [torch.zeros(masking.grid, masking.grid, dtype=torch.bool)] * (batch - masked)
-    order = torch.randperm(batch, generator=generator).tolist()
-    return torch.stack([masks[i] for i in order]).flatten(1)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    stratum = torch.empty_like(order)
+    stratum[order] = torch.arange(total)
+    masks = []
+    for row in rows:
+        k = int(stratum[row])
+        if k >= masked:
+            masks.append(torch.zeros(masking.grid, masking.grid, dtype=torch.bool))
+            continue
+        generator = torch.Generator().manual_seed(derive_seed(seed, "row", row))
+        masks.append(masking(int(patches * _uniform(bounds[k], bounds[k + 1], generator)), generator))
+    return torch.stack(masks).flatten(1) if masks else torch.zeros(0, patches, dtype=torch.bool)

@@ -93,7 +93,9 @@ class DINO(Method):
         last_layer_init: str = "linear_default",
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        teacher_backbone: VisionTransformer | None = None,
     ) -> None:
+        """`teacher_backbone`: the teacher's own build (DINOv2's has no stochastic depth); default a copy."""
         super().__init__()
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = warmup_teacher_temp, warmup_teacher_temp_steps
@@ -109,7 +111,7 @@ class DINO(Method):
         self.head = DINOHead(
             backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer, last_layer_init
         )
-        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_backbone = copy.deepcopy(backbone) if teacher_backbone is None else teacher_backbone
         self.teacher_head = copy.deepcopy(self.head)
         for param in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
             param.requires_grad_(False)
@@ -230,12 +232,12 @@ def validate(cfg: Config) -> None:
         )
 
 
-def steps_per_epoch(cfg: Config) -> int:
-    """method.dino.steps_per_epoch, else the training samples in the manifest // the global batch; 0 when the
-    manifest cannot be read (a method rebuilt from a checkpoint for evaluation needs no schedule)."""
-    dino = cfg.method.dino
-    if dino.steps_per_epoch:
-        return dino.steps_per_epoch
+def steps_per_epoch(cfg: Config, fixed: int | None = None) -> int:
+    """`fixed` (default method.dino.steps_per_epoch), else the training samples in the manifest // the global
+    batch; 0 when the manifest cannot be read (a method rebuilt from a checkpoint for evaluation needs no schedule)."""
+    fixed = cfg.method.dino.steps_per_epoch if fixed is None else fixed
+    if fixed:
+        return fixed
     try:
         samples = Manifest.load(cfg.data.shards).num_samples("train")
     except (FileNotFoundError, ValueError, NotADirectoryError, OSError):

@@ -50,9 +50,11 @@ from pretrain.methods.backbone import (
     backbone_width,
     build_resnet_backbone,
     build_vit_backbone,
+    clean_name,
     encoder_activations,
     validate_backbone,
     validate_pool,
+    vit_layer_decay,
 )
 from pretrain.methods.base import Method
 from pretrain.methods.mixup import Mixup, soft_target_cross_entropy
@@ -60,10 +62,8 @@ from pretrain.methods.spec import MethodSpec
 from pretrain.models.resnet import ResNet
 from pretrain.models.vit import VisionTransformer
 
+
 # Segments engines add to parameter names when they wrap blocks (activation checkpointing, compile).
-_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod")
-
-
 @dataclass
 class FinetuneConfig:
     """method.finetune"""
@@ -99,11 +99,6 @@ class FinetuneConfig:
     random_erasing: float = bounded(0.25, ge=0, le=1)
     # EMA of the weights, used for evaluation (0: off; timm's usual 0.9999).
     ema_decay: float = bounded(0.0, ge=0, lt=1)
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without the segments engine wrappers add."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 class Classifier(nn.Module):
@@ -199,17 +194,7 @@ class FineTune(Method):
         cls token and positions, i + 1 for block i, L + 1 for everything after the blocks (head, fc_norm)."""
         if self.layer_decay == 1.0 or not self.depth:
             return 1.0
-        parts = clean_name(name).removeprefix("classifier.").split(".")
-        layers = self.depth + 1
-        if parts[0] != "backbone":
-            layer = layers
-        elif parts[1] in ("cls_token", "pos_embed", "patch_embed"):
-            layer = 0
-        elif parts[1] == "blocks":
-            layer = int(parts[2]) + 1
-        else:
-            layer = layers
-        return self.layer_decay ** (layers - layer)
+        return vit_layer_decay(clean_name(name).removeprefix("classifier."), self.depth, self.layer_decay)
 
     def initial_state(self, encoder: dict[str, Tensor]) -> dict[str, Tensor]:
         """The pretrained encoder under this method's names, for the classifier and its EMA. MAE's fine-tune
