@@ -47,6 +47,7 @@ CONFIGS = {
     "mae": ROOT / "configs" / "mae_vit_tiny_digits.toml",
     "moco": ROOT / "configs" / "moco_v3_vit_tiny_digits.toml",
     "dino": ROOT / "configs" / "dino_vit_tiny_digits.toml",
+    "dinov2": ROOT / "configs" / "dinov2_vit_tiny_digits.toml",
     "simclr": ROOT / "configs" / "simclr_vit_tiny_digits.toml",
     "moco_v2": ROOT / "configs" / "moco_v2_vit_tiny_digits.toml",
     "cpc": ROOT / "configs" / "cpc_v2_resnet18_digits.toml",

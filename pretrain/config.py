@@ -199,8 +199,9 @@ class OptimConfig:
     # as SimCLR and BYOL use it). pretrain/optim.py builds them.
     name: Literal["adamw", "sgd", "lars"] = "adamw"
     base_lr: float = bounded(1.5e-4, gt=0)
-    # linear: lr = base_lr * global_batch / 256; none: lr = base_lr.
-    lr_scaling: Literal["linear", "none"] = "linear"
+    # linear: lr = base_lr * global_batch / 256 | sqrt: base_lr * sqrt(global_batch / 1024) (DINOv2; min_lr
+    # stays absolute) | none: lr = base_lr.
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     min_lr: float = bounded(0.0, ge=0)
     weight_decay: float = bounded(0.05, ge=0)
     # Decay biases and normalization weights too (MoCo v1/v2's released code decays every parameter); by

@@ -13,8 +13,13 @@ from pretrain.config import OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """Peak learning rate: MAE/MoCo/DINO scale a base rate linearly with the batch (reference 256)."""
-    return cfg.base_lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.base_lr
+    """Peak learning rate: MAE/MoCo/DINO scale a base rate linearly with the batch (reference 256), DINOv2 with
+    its square root (reference 1024: sqrt_wrt_1024)."""
+    if cfg.lr_scaling == "linear":
+        return cfg.base_lr * global_batch / 256
+    if cfg.lr_scaling == "sqrt":
+        return cfg.base_lr * math.sqrt(global_batch / 1024)
+    return cfg.base_lr
 
 
 def param_groups(

@@ -335,8 +335,8 @@ class Trainer:
                 self.world.world_size,
                 self.samples_per_step,
                 before,
-                ", and the learning rate follows it (optim.lr_scaling = linear)"
-                if before != self.samples_per_step and self.cfg.optim.lr_scaling == "linear"
+                f", and the learning rate follows it (optim.lr_scaling = {self.cfg.optim.lr_scaling})"
+                if before != self.samples_per_step and self.cfg.optim.lr_scaling != "none"
                 else "",
             )
         self.step = meta["step"]

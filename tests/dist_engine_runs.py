@@ -83,8 +83,9 @@ def finetune_overrides(*extra: str) -> list[str]:
 
 def dinov2_overrides(*extra: str) -> list[str]:
     """A ViT-tiny/4 with LayerScale and 2 registers on 16 px crops, narrow heads, iBOT masks and Sinkhorn-Knopp
-    targets over both ranks. KoLeo is off (it is per rank's batch by design) and so is stochastic depth (it
-    draws per micro-batch from the loop's seeding, which this harness does not run)."""
+    targets over both ranks. KoLeo is off (it is per rank's batch by design, as is the release's patch center
+    under `centering`) and so is stochastic depth (it draws per micro-batch from the loop's seeding, which
+    this harness does not run)."""
     return [
         "method.name=dinov2",
         "model.size=tiny",
@@ -100,6 +101,7 @@ def dinov2_overrides(*extra: str) -> list[str]:
         "method.dinov2.koleo_weight=0",
         "method.dinov2.drop_path_rate=0",
         "method.dinov2.mask_probability=0.75",
+        "method.dinov2.centering=sinkhorn_knopp",
         "run.device=cpu",
         "optim.lr_scaling=none",
         *extra,

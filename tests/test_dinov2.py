@@ -19,10 +19,13 @@ from pretrain.methods.block_masking import BlockMasking, ibot_masks
 from pretrain.methods.dinov2_losses import sinkhorn_knopp
 from pretrain.methods.registry import build_method
 from pretrain.models.transformer import DropPath
+from pretrain.optim import learning_rate, scaled_lr
 from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
 from tiny import assert_equal_states, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
 
 DINOV2_TINY = [
     "method.name=dinov2",
@@ -56,7 +59,9 @@ def views(batch: int = 4) -> list[torch.Tensor]:
 
 
 def test_loss_is_dino_plus_ibot_plus_koleo_computed_directly():
-    method = tiny_method("method.dinov2.drop_path_rate=0", "method.dinov2.mask_probability=1.0")
+    method = tiny_method(
+        "method.dinov2.drop_path_rate=0", "method.dinov2.mask_probability=1.0", "method.dinov2.centering=sinkhorn_knopp"
+    )
     images = views()
     out = method({"image": images})
     method._micro = 0  # draw the same masks again
@@ -72,12 +77,12 @@ def test_loss_is_dino_plus_ibot_plus_koleo_computed_directly():
         patch_logits = method.teacher_head(teacher_tokens[:, 3:][masks])
         patch_targets = sinkhorn_knopp(patch_logits, 0.07, count=int(masks.sum()))
     dino = dino_cross_entropy(student, targets, 0.1)
-    # iBOT: per image the mean cross-entropy over its masked tokens, summed over the 8 crops, divided by 4.
+    # iBOT: per crop the mean cross-entropy over its masked tokens, averaged over the 8 global crops.
     student_patches = method.head(tokens[:, 3:][masks])
     per_token = -(patch_targets * F.log_softmax(student_patches / 0.1, dim=-1)).sum(-1)
     counts = masks.sum(1)
     row = masks.nonzero()[:, 0]
-    ibot = sum(per_token[row == b].sum() / counts[b] for b in range(8)) / 4
+    ibot = sum(per_token[row == b].sum() / counts[b] for b in range(8)) / 8
     # KoLeo: within each global crop's 4 cls tokens, summed over the two crops.
     koleo = 0.0
     for chunk in tokens[:, 0].detach().chunk(2):
@@ -139,6 +144,26 @@ def test_learning_rate_scales_are_dinov2s():
     assert method.lr_scale("backbone.blocks.11._checkpoint_wrapped_module.mlp.fc1.weight") == pytest.approx(0.9)
     assert method.lr_scale("backbone.norm.weight") == method.lr_scale("head.mlp.0.weight") == 1.0
     assert method.no_weight_decay() == set()
+    # The release's sqrt_wrt_1024 scaling rule, with an absolute floor.
+    cfg = load_config(None, ["optim.lr_scaling=sqrt", "optim.base_lr=2e-4", "optim.min_lr=1e-6"]).optim
+    assert scaled_lr(cfg, 4096) == pytest.approx(4e-4)
+    assert learning_rate(cfg, 100, 100, scaled_lr(cfg, 4096)) == pytest.approx(1e-6)  # linear scaling: 2e-6
+
+
+@pytest.mark.parametrize(
+    "config,overrides,released",
+    [
+        ("dinov2_vitg14.toml", [], 1_136_480_768),  # dinov2_vitg14
+        ("dinov2_vitl14.toml", ["model.ffn=mlp"], 304_368_640),  # dinov2_vitl14 (distilled: the MLP)
+    ],
+)
+def test_recipes_build_the_released_encoders(config, overrides, released):
+    """At the released 518 px (a 37 x 37 position table); the recipes pretrain at 224."""
+    cfg = load_config(REPO / "configs" / config, [*overrides, "data.image_size=518"])
+    with torch.device("meta"):
+        method = build_method(cfg)
+    assert sum(p.numel() for p in method.teacher_backbone.parameters()) == released
+    assert method.ibot_separate_head and cfg.method.dinov2.centering == "sinkhorn_knopp"
 
 
 @pytest.mark.parametrize(
@@ -200,3 +225,26 @@ def test_two_ranks_match_one_process(engine_runs, case) -> None:
     row of the global batch; Sinkhorn-Knopp's sums span both ranks)."""
     state = check_case(engine_runs, case)
     assert any(name.startswith("teacher_backbone.") for name in state)
+
+
+def test_a_finetune_takes_the_teacher_encoder_without_the_mask_token():
+    method = tiny_method()
+    encoder = method.teacher_backbone.state_dict()
+    assert "mask_token" in encoder and "register_tokens" in encoder
+    model = [o for o in DINOV2_TINY if o.startswith("model.")]
+    cfg = load_config(
+        None,
+        [
+            "method.name=finetune",
+            "method.finetune.num_classes=10",
+            "model.size=tiny",
+            "model.patch_size=4",
+            "data.image_size=16",
+            *model,
+        ],
+    )
+    finetune = build_method(cfg)
+    state = finetune.initial_state(encoder)
+    assert "classifier.backbone.mask_token" not in state
+    assert torch.equal(state["classifier.backbone.register_tokens"], encoder["register_tokens"])
+    assert torch.equal(state["classifier.backbone.blocks.0.ls1.gamma"], encoder["blocks.0.ls1.gamma"])

@@ -6,12 +6,17 @@ The losses follow the released code (dinov2/train/ssl_meta_arch.py, dinov2/loss/
 - DINO: the mean over (teacher global view, other student view) pairs of the batch-mean cross-entropy of
   the cls tokens through the DINO head; the student's global crops carry the iBOT masks, the teacher's not.
 - iBOT: the student's masked patch tokens against the teacher's patch tokens at the same places, through the
-  DINO head (shared) or an iBOT head of their own; per image the mean over its masked tokens, summed over
-  images and divided by the per-crop batch (the release's x2 loss scale over 2 global crops' images).
+  DINO head (shared) or an iBOT head of their own; per global crop the mean over its masked tokens, averaged
+  over all global crops, masked or not (forward_masked, whose x2 and x1/2 scales cancel in the release).
 - KoLeo: on the student's normalized cls tokens, within each global crop of this rank's batch, summed over
   the crops.
 Teacher targets are Sinkhorn-Knopp's (3 iterations, sums reduced over ranks) or DINO's centering, one
-center for the cls outputs and one for the patch outputs.
+center for the cls outputs (the mean over the global batch) and one for the patch outputs (each rank's mean
+over its masked tokens, averaged over ranks, as the release updates it).
+
+Deviations, each an edge of the release rather than a choice of recipe: without local crops the release
+divides the two global pairs by 3 (its local-term count is max(local x 2, 1)); this averages them. The
+release decays the weight-normalized last layer's norm; the optimizer here never decays 1-d parameters.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from data_pipeline.reader import derive_seed
 from kernels.dino_loss import dino_cross_entropy, teacher_probabilities
 from pretrain.activation_memory import STAT, Collective
 from pretrain.config import Config, ConfigError, bounded
-from pretrain.distributed import all_reduce_sum, rank, world_size
+from pretrain.distributed import all_reduce_mean, all_reduce_sum, rank, world_size
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
 from pretrain.methods.backbone import build_vit_backbone, clean_name, vit_backbone_flops, vit_layer_decay, vit_width
 from pretrain.methods.block_masking import BlockMasking, ibot_masks
@@ -54,7 +59,9 @@ class DINOv2Config:
     hidden_dim: int = bounded(2048, gt=0)
     bottleneck_dim: int = bounded(256, gt=0)
     head_layers: int = bounded(3, gt=0)
-    norm_last_layer: bool = True
+    # The release trains the weight-normalized last layer's norm (weight_g starts at 1) and leaves its
+    # direction at nn.Linear's init (dinov2/layers/dino_head.py).
+    norm_last_layer: bool = False
     last_layer_init: Literal["linear_default", "trunc_normal"] = "linear_default"
     student_temp: float = bounded(0.1, gt=0)
     teacher_temp: float = bounded(0.07, gt=0)
@@ -67,7 +74,7 @@ class DINOv2Config:
     momentum: float = bounded(0.992, ge=0, le=1)
     freeze_last_layer_steps: int = bounded(0, ge=0)
     # sinkhorn_knopp (DINOv2) | centering (DINO's momentum center, one for cls and one for patch outputs).
-    centering: Literal["sinkhorn_knopp", "centering"] = "sinkhorn_knopp"
+    centering: Literal["sinkhorn_knopp", "centering"] = "centering"
     sinkhorn_iterations: int = bounded(3, ge=1)
     center_momentum: float = bounded(0.9, ge=0, lt=1)
     dino_weight: float = bounded(1.0, ge=0)
@@ -86,7 +93,7 @@ class DINOv2Config:
     koleo_weight: float = bounded(0.1, ge=0)
     # The student's stochastic depth (the teacher has none): rate, uniform over blocks or timm's linear rule.
     drop_path_rate: float = bounded(0.3, ge=0, lt=1)
-    drop_path_uniform: bool = False
+    drop_path_uniform: bool = True
     # Layer-wise learning-rate decay of the student's blocks, and the patch embedding's extra factor.
     layer_decay: float = bounded(0.9, gt=0, le=1)
     patch_embed_lr_mult: float = bounded(0.2, gt=0)
@@ -235,12 +242,14 @@ class DINOv2(DINO):
         return features
 
     def teacher_targets(self, logits: Tensor, center: Tensor, temperature: Tensor, count: Tensor | None) -> Tensor:
+        """Sinkhorn-Knopp over the global rows (`count` of them: iBOT's masked tokens; None: every rank's rows),
+        or softmax((logits - center) / temperature) and the center's EMA toward the mean over ranks of each
+        rank's mean logits (a rank without rows adds a zero mean, as the release's would add NaN)."""
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(logits, temperature, self.sinkhorn_iterations, count)
         probs = teacher_probabilities(logits, center, temperature)
-        total = all_reduce_sum(torch.cat([logits.float().sum(0), logits.new_full((1,), logits.shape[0]).float()]))
-        batch_center = torch.where(total[-1] > 0, total[:-1] / total[-1].clamp_min(1), center)  # none masked: kept
-        center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        rank_mean = logits.float().sum(0) / max(1, logits.shape[0])
+        center.mul_(self.center_momentum).add_(all_reduce_mean(rank_mean), alpha=1 - self.center_momentum)
         return probs
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -270,7 +279,7 @@ class DINOv2(DINO):
             patch_targets = self.teacher_targets(teacher_patches, self.patch_center, temperature, masked_count)
 
         dino = dino_cross_entropy(student_logits, cls_targets, self.student_temp)
-        ibot = ibot_patch_loss(masked_student, patch_targets, masks, self.student_temp) * crops
+        ibot = ibot_patch_loss(masked_student, patch_targets, masks, self.student_temp)
         koleo = sum(koleo_loss(chunk) for chunk in cls.chunk(crops)) if self.koleo_weight else cls.new_zeros(())
         loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
         with torch.no_grad():

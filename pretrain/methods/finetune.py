@@ -198,10 +198,12 @@ class FineTune(Method):
 
     def initial_state(self, encoder: dict[str, Tensor]) -> dict[str, Tensor]:
         """The pretrained encoder under this method's names, for the classifier and its EMA. MAE's fine-tune
-        drops the encoder's final norm where fc_norm replaces it; every other weight must fit exactly."""
+        drops the encoder's final norm where fc_norm replaces it, and every fine-tune iBOT's mask token (DINOv2),
+        which only masked pretraining reads; every other weight must fit exactly."""
         backbone = self.classifier.backbone
         if isinstance(backbone, VisionTransformer) and isinstance(backbone.norm, nn.Identity):
             encoder = {name: t for name, t in encoder.items() if not name.startswith("norm.")}
+        encoder = {name: t for name, t in encoder.items() if name != "mask_token"}
         expected = backbone.state_dict()
         for name, tensor in encoder.items():
             if name not in expected or expected[name].shape != tensor.shape:
