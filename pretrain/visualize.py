@@ -46,3 +46,55 @@ def match_grid(queries: Tensor, matches: Tensor, correct: Tensor) -> Tensor:
     found[:, :, :, :2] = frame
     found[:, :, :, -2:] = frame
     return image_grid(torch.cat([queries.float().expand(-1, 3, -1, -1), found]), nrow=len(found))
+
+
+def _principal_components(x: Tensor, k: int) -> Tensor:
+    """Projections [M, k] of the rows of x [M, D] on their k leading principal directions."""
+    centered = x - x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+    return centered @ vh[:k].T
+
+
+def patch_pca_rgb(patches: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+    """DINOv2's pictures of patch features (Oquab et al. 2024, figure 1): patches [N, h, w, D] of N images ->
+    (RGB maps [N, 3, h, w] in 0..1, foreground mask [N, h, w]).
+
+    A PCA over the patches of all N images together; the first component, thresholded at `threshold`,
+    separates foreground from background. Its sign is arbitrary, so it is flipped to make the border patches
+    (mostly background in object-centred images) fall below the threshold on average. A second PCA over the
+    foreground patches alone gives three components, each min-max scaled to 0..1, shown as R, G and B;
+    background patches are black."""
+    if patches.ndim != 4:
+        raise ValueError(f"patch_pca_rgb expects patches [N, h, w, D], got {tuple(patches.shape)}")
+    num, height, width, dim = patches.shape
+    flat = patches.detach().float().reshape(-1, dim)
+    first = _principal_components(flat, 1)[:, 0].reshape(num, height, width)
+    border = torch.ones(height, width, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    inner = first[:, ~border].mean() if (~border).any() else first.new_zeros(())
+    if first[:, border].mean() > inner:
+        first = -first
+    foreground = first > threshold
+    rgb = torch.zeros(num, height, width, 3)
+    chosen = flat[foreground.reshape(-1)]
+    if chosen.shape[0] >= 2:
+        k = min(3, chosen.shape[0], dim)
+        components = _principal_components(chosen, k)
+        low, high = components.amin(dim=0), components.amax(dim=0)
+        scaled = (components - low) / (high - low).clamp_min(1e-12)
+        rgb[foreground, :k] = scaled
+    return rgb.permute(0, 3, 1, 2).contiguous(), foreground
+
+
+@torch.no_grad()
+def pca_grid(
+    encoder: torch.nn.Module, images: Tensor, mean: Sequence[float], std: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """(uint8 [H', W', 3] picture, foreground [N, h, w]): the `images` (normalized as the encoder reads them) in
+    one row, the `patch_pca_rgb` maps of a ViT encoder's patch features below them, upsampled to the image size."""
+    grid_h, grid_w = images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
+    patches = encoder.patch_tokens(encoder.forward_tokens(images)).reshape(len(images), grid_h, grid_w, -1)
+    rgb, foreground = patch_pca_rgb(patches.cpu())
+    maps = torch.nn.functional.interpolate(rgb, size=images.shape[-2:], mode="nearest")
+    picture = image_grid(torch.cat([denormalize(images.float(), mean, std).cpu(), maps]), nrow=len(images))
+    return picture, foreground

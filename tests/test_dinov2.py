@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_runs import CASES, check_case
+from PIL import Image
 
 from kernels.dino_loss import dino_cross_entropy
+from pretrain.cli import main
 from pretrain.config import ConfigError
 from pretrain.methods.block_masking import BlockMasking, ibot_masks
 from pretrain.methods.dinov2_losses import sinkhorn_knopp
@@ -107,6 +109,7 @@ def test_teacher_is_frozen_and_has_no_stochastic_depth():
     assert all(not p.requires_grad and p.grad is None for p in teacher)
     assert method.backbone.mask_token.grad is not None and method.ibot_head.mlp[0].weight.grad.abs().sum() > 0
     assert_equal_states(method.teacher_backbone.state_dict(), teacher_before, "teacher")
+    assert set(method.visuals({"image": views()})) == {"attention", "pca"}
     assert any(isinstance(m, DropPath) for m in method.backbone.modules())
     assert not any(isinstance(m, DropPath) for m in method.teacher_backbone.modules())
     # The averaged twins start equal, the iBOT head's included.
@@ -217,6 +220,12 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, digit_shards, ce
         straight.engine.load_tensors(straight.model, straight.optimizer, checkpoint)
         states.append(copy.deepcopy(straight.model.state_dict()))
     assert_equal_states(states[0], states[1], "model (teacher, centers and step counter included)")
+    if centering == "sinkhorn_knopp":  # the finished run's picture, from the command line
+        out = tmp_path / "pca.png"
+        assert main(["viz", "pca", "--checkpoint", str(full.checkpoint), "--out", str(out), "--num", "4"]) == 0
+        with Image.open(out) as picture:
+            assert picture.size == (4 * 18 + 2, 2 * 18 + 2)  # 4 images of 16 px over their maps, 2 px apart
+        assert main(["viz", "pca", "--checkpoint", str(full.checkpoint), "--out", str(out), "--num", "0"]) == 2
 
 
 @pytest.mark.parametrize("case", [case for case in CASES if case.startswith("dinov2")])

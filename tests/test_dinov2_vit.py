@@ -160,3 +160,25 @@ def test_flops_count_the_registers_and_the_swiglu():
 def test_mae_rejects_registers_naming_the_key():
     with pytest.raises(ConfigError, match="model.num_register_tokens"):
         load_config(None, ["method.name=mae", "model.size=tiny", "model.num_register_tokens=4"])
+
+
+def test_pca_picture_finds_the_planted_object_and_colours_its_parts():
+    from pretrain.visualize import patch_pca_rgb
+
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(3, 6, 6, 16, generator=generator) * 0.1
+    obj = torch.zeros(6, 6, dtype=torch.bool)
+    obj[1:5, 2:5] = True  # a centred object of three parts (its rows 1-2, 3, 4)
+    parts = [torch.randn(16, generator=generator) * 3 for _ in range(3)]
+    offset = torch.randn(16, generator=generator) * 10
+    for row, part in zip((1, 3, 4), (0, 1, 2)):
+        rows = slice(row, row + 2) if row == 1 else slice(row, row + 1)
+        features[:, rows, 2:5] += offset + parts[part]
+    rgb, foreground = patch_pca_rgb(features)
+    assert torch.equal(foreground, obj.expand(3, -1, -1))
+    assert torch.equal(patch_pca_rgb(-features)[1], foreground)  # the component's sign does not matter
+    assert rgb.shape == (3, 3, 6, 6) and rgb.min() >= 0 and rgb.max() <= 1
+    assert (rgb.permute(0, 2, 3, 1)[~foreground.expand(3, -1, -1)] == 0).all()  # background black
+    colours = [rgb[0, :, row, 3] for row in (1, 3, 4)]
+    assert all((a - b).abs().max() > 0.3 for i, a in enumerate(colours) for b in colours[i + 1 :])
+    torch.testing.assert_close(rgb[0, :, 1, 2], rgb[0, :, 2, 4], atol=0.1, rtol=0)  # one part, one colour

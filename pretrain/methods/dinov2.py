@@ -48,6 +48,7 @@ from pretrain.methods.joint_embedding import (
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.heads import DINOHead
 from pretrain.models.vit import VisionTransformer
+from pretrain.visualize import pca_grid
 
 
 @dataclass
@@ -204,6 +205,15 @@ class DINOv2(DINO):
         name = clean_name(name)
         scale = vit_layer_decay(name, self.depth, self.layer_decay) if name.startswith("backbone.") else 1.0
         return scale * self.patch_embed_lr_mult if name.startswith("backbone.patch_embed.") else scale
+
+    @torch.no_grad()
+    def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """DINO's attention maps, and DINOv2's PCA of the teacher's patch features (`patch_pca_rgb`): the
+        images above their maps, upsampled to the image size."""
+        pictures = super().visuals(batch)
+        images = batch["image"][0][: self.num_visuals]
+        pictures["pca"], _ = pca_grid(self.teacher_backbone, images, self.image_mean, self.image_std)
+        return pictures
 
     def patch_heads(self) -> tuple[nn.Module, nn.Module]:
         if self.ibot_separate_head:
