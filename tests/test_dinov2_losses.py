@@ -114,13 +114,15 @@ def test_block_masks_hit_their_targets_strata_and_shapes():
     counts = [int(masking(60, generator).sum()) for _ in range(40)]
     assert max(counts) <= 60 and sum(counts) / 40 > 50
     # A batch: int(B x p) masked images, one per stratum of [0.1, 0.5] (sorted, each at most its upper bound).
-    masks = ibot_masks(16, masking, 0.5, (0.1, 0.5), generator)
+    masks = ibot_masks(range(16), 16, masking, 0.5, (0.1, 0.5), seed=4)
     assert masks.shape == (16, 196) and int((masks.sum(1) > 0).sum()) == 8
     bounds = torch.linspace(0.1, 0.5, 9)
     for count, high in zip(sorted(masks.sum(1).tolist())[8:], bounds[1:].tolist()):
         assert 0 < count <= int(196 * high)
-    # Seeded: the same generator state draws the same masks.
-    again = [ibot_masks(4, masking, 0.5, generator=torch.Generator().manual_seed(9)) for _ in range(2)]
-    assert torch.equal(*again)
+    # Seeded: the same seed draws the same masks, another seed others.
+    again = [ibot_masks(range(8), 8, masking, 0.5, seed=9) for _ in range(2)]
+    assert torch.equal(*again) and not torch.equal(again[0], ibot_masks(range(8), 8, masking, 0.5, seed=10))
     with pytest.raises(ValueError, match="iBOT masking"):
-        ibot_masks(4, masking, 1.5)
+        ibot_masks(range(4), 4, masking, 1.5)
+    with pytest.raises(ValueError, match="outside"):
+        ibot_masks(range(2, 6), 4, masking)
