@@ -82,8 +82,12 @@ def finetune_scores(checkpoint: Path, cfg, out: Path, shards: Path) -> dict | st
     checkpoint has no encoder to fine-tune (CPC's patch-grid encoder, the split-brain pair)."""
     try:
         pretrained_encoder(checkpoint)
-    except ConfigError as exc:
-        return str(exc)
+    except (
+        ConfigError
+    ) as exc:  # recorded in the JSON: the checkpoint's path relative to the workdir, not this machine's
+        where = checkpoint.resolve()
+        shown = f"<workdir>/{where.relative_to(out.resolve())}" if where.is_relative_to(out.resolve()) else where.name
+        return str(exc).replace(str(where), shown).replace(str(checkpoint), shown)
     extra = RESNET_FINETUNE if cfg.model.arch != "vit" else []
     scores: dict[str, dict[str, float]] = {"pretrained": {}, "random_init": {}}
     for weights, random_init in (("pretrained", False), ("random_init", True)):
