@@ -163,17 +163,21 @@ class DINO(Method):
         progress = (self.steps_done.float() / self.warmup_teacher_temp_steps).clamp(max=1.0)
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * progress
 
-    def student_outputs(self, views: list[Tensor]) -> Tensor:
-        """[V, B, K]: views of one size share a backbone pass; all share one head pass."""
-        batch = views[0].shape[0]
-        features = []
-        start = 0
+    def student_features(self, views: list[Tensor], pool: str) -> list[Tensor]:
+        """Pooled student features of `views`, in order: consecutive views of one size share a backbone pass."""
+        features, start = [], 0
         while start < len(views):
             end = start
             while end < len(views) and views[end].shape == views[start].shape:
                 end += 1
-            features.append(self.backbone.forward_features(torch.cat(views[start:end]), pool=self.pool))
+            features.append(self.backbone.forward_features(torch.cat(views[start:end]), pool=pool))
             start = end
+        return features
+
+    def student_outputs(self, views: list[Tensor]) -> Tensor:
+        """[V, B, K]: views of one size share a backbone pass; all share one head pass."""
+        batch = views[0].shape[0]
+        features = self.student_features(views, self.pool)
         frozen = self.steps_done < self.freeze_last_layer_steps
         logits = self.head(torch.cat(features), freeze_last_layer=frozen)
         return logits.view(len(views), batch, -1)

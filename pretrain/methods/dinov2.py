@@ -21,6 +21,7 @@ release decays the weight-normalized last layer's norm; the optimizer here never
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -144,25 +145,9 @@ class DINOv2(DINO):
         self.depth = len(backbone.blocks)
         self.masking = BlockMasking(backbone.grid_size)
         if self.ibot_separate_head:
-            self.ibot_head = DINOHead(
-                backbone.embed_dim,
-                cfg.ibot_out_dim,
-                cfg.ibot_hidden_dim,
-                cfg.ibot_bottleneck_dim,
-                cfg.head_layers,
-                cfg.norm_last_layer,
-                cfg.last_layer_init,
-            )
-            self.teacher_ibot_head = DINOHead(
-                backbone.embed_dim,
-                cfg.ibot_out_dim,
-                cfg.ibot_hidden_dim,
-                cfg.ibot_bottleneck_dim,
-                cfg.head_layers,
-                cfg.norm_last_layer,
-                cfg.last_layer_init,
-            )
-            self.teacher_ibot_head.requires_grad_(False)
+            dims = (cfg.ibot_out_dim, cfg.ibot_hidden_dim, cfg.ibot_bottleneck_dim, cfg.head_layers)
+            self.ibot_head = DINOHead(backbone.embed_dim, *dims, cfg.norm_last_layer, cfg.last_layer_init)
+            self.teacher_ibot_head = copy.deepcopy(self.ibot_head).requires_grad_(False)
         patch_dim = cfg.ibot_out_dim if self.ibot_separate_head else cfg.out_dim
         self.register_buffer("patch_center", torch.zeros(patch_dim))
         self.seed = seed
@@ -240,17 +225,6 @@ class DINOv2(DINO):
         ]
         return torch.cat(masks).to(device, non_blocking=True)
 
-    def student_local_cls(self, views: list[Tensor]) -> list[Tensor]:
-        """The cls tokens of the local crops, one backbone pass per crop size."""
-        features, start = [], 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].shape == views[start].shape:
-                end += 1
-            features.append(self.backbone.forward_features(torch.cat(views[start:end]), pool="cls"))
-            start = end
-        return features
-
     def teacher_targets(self, logits: Tensor, center: Tensor, temperature: Tensor, count: Tensor | None) -> Tensor:
         """Sinkhorn-Knopp over the global rows (`count` of them: iBOT's masked tokens; None: every rank's rows),
         or softmax((logits - center) / temperature) and the center's EMA toward the mean over ranks of each
@@ -273,7 +247,7 @@ class DINOv2(DINO):
 
         tokens = self.backbone.forward_tokens(global_images, masks=masks)
         cls = tokens[:, 0]
-        cls_all = torch.cat([cls, *self.student_local_cls(list(views[crops:]))])
+        cls_all = torch.cat([cls, *self.student_features(list(views[crops:]), "cls")])
         frozen = self.steps_done < self.freeze_last_layer_steps
         student_logits = self.head(cls_all, freeze_last_layer=frozen).view(len(views), per_crop, -1)
         patch_head, teacher_patch_head = self.patch_heads()
