@@ -102,8 +102,6 @@ class DINOv2Config:
 
 
 class DINOv2(DINO):
-    num_global_views = 2
-
     def __init__(
         self,
         backbone: VisionTransformer,
