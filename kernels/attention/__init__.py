@@ -1,7 +1,11 @@
 """Multi-head attention behind one entry point, with named backends.
 
-Every backend computes the same thing, non-causal softmax attention without dropout on q, k, v of
-shape [B, H, N, D]; "reference" is the readable definition the others are tested against.
+Every backend computes the same thing, softmax attention without dropout on q of shape [B, H, Nq, D]
+and k, v of shape [B, H, Nk, D] (self-attention: Nq == Nk), returning [B, H, Nq, D]; "reference" is the
+readable definition the others are tested against. Non-causal by default; with `causal=True` query i
+attends only to keys j <= i. When Nq < Nk (KV-cache decoding) the queries are the LAST Nq positions, so
+query i attends to keys j <= i + (Nk - Nq) (the mask is aligned to the bottom right); causal attention
+with Nq > Nk is an error. The xformers backend takes causal only with Nq == Nk.
 
 - sdpa (default): torch.nn.functional.scaled_dot_product_attention, everywhere.
 - reference: the formula in float32 (reference.py).
@@ -16,26 +20,29 @@ with `unavailable_reason` naming the package to install.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 from torch import Tensor
 
 from kernels.attention.reference import reference_attention, sdpa_attention
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+class AttentionFn(Protocol):
+    """What every backend is: (q, k, v, causal=False) -> attention output in q's dtype."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor: ...
 
 
-def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
     from kernels.attention.triton_attention import triton_attention
 
-    return triton_attention(q, k, v)
+    return triton_attention(q, k, v, causal=causal)
 
 
-def _xformers(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _xformers(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
     from kernels.attention.xformers_attention import xformers_attention
 
-    return xformers_attention(q, k, v)
+    return xformers_attention(q, k, v, causal=causal)
 
 
 _BACKENDS: dict[str, AttentionFn] = {
@@ -81,14 +88,19 @@ def get_attention_backend(name: str) -> AttentionFn:
     return _BACKENDS[name]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
-    """Non-causal attention over [B, H, N, D] inputs, returning [B, H, N, D] in the input dtype."""
-    return get_attention_backend(backend)(q, k, v)
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", causal: bool = False) -> Tensor:
+    """Attention of q [B, H, Nq, D] over k, v [B, H, Nk, D], returning [B, H, Nq, D] in the input dtype.
+
+    causal=False (default): every query sees every key. causal=True: query i sees keys j <= i + (Nk - Nq),
+    i.e. j <= i for self-attention, and the queries are the last Nq positions when Nq < Nk (KV cache).
+    """
+    return get_attention_backend(backend)(q, k, v, causal=causal)
 
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "AttentionBackend",
+    "AttentionFn",
     "attention",
     "available_backends",
     "get_attention_backend",
