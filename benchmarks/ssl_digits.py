@@ -8,6 +8,7 @@ with configs/finetune_vit_tiny_digits.toml; the random-init encoder is fine-tune
                                                         # colorization runs but is not benchmarked: the digits are gray)
     python benchmarks/ssl_digits.py --methods dino --steps 50
     python benchmarks/ssl_digits.py --methods cpc       # CPC v2 on a ResNet-18 (layer norm) over a patch grid
+    python benchmarks/ssl_digits.py --methods dino,dinov2_distill   # DINOv2 distillation of the dino row's run
     python benchmarks/ssl_digits.py --methods mae --reuse --no-linear   # fine-tune an existing run's checkpoint
 
 Each method runs its digits demo config (configs/*_digits.toml) unchanged apart from paths; the table and
@@ -36,6 +37,7 @@ from pretrain.eval.classify import percent_tag
 from pretrain.eval.finetune import evaluate_finetune
 from pretrain.eval.run import evaluate_knn, evaluate_linear
 from pretrain.logs import setup_logging
+from pretrain.methods.registry import teacher_checkpoint
 from pretrain.recipes import load_config
 from pretrain.train import train
 
@@ -48,6 +50,8 @@ CONFIGS = {
     "moco": ROOT / "configs" / "moco_v3_vit_tiny_digits.toml",
     "dino": ROOT / "configs" / "dino_vit_tiny_digits.toml",
     "dinov2": ROOT / "configs" / "dinov2_vit_tiny_digits.toml",
+    # Distills the dino row's finished run (run `--methods dino` first, or in the same command).
+    "dinov2_distill": ROOT / "configs" / "dinov2_distill_vit_tiny_digits.toml",
     "simclr": ROOT / "configs" / "simclr_vit_tiny_digits.toml",
     "moco_v2": ROOT / "configs" / "moco_v2_vit_tiny_digits.toml",
     "cpc": ROOT / "configs" / "cpc_v2_resnet18_digits.toml",
@@ -108,12 +112,16 @@ def run_method(name: str, out: Path, shards: Path, steps: int, reuse: bool, fine
     """Pretrain (or, with `reuse`, take the finished run of an earlier invocation), then score: kNN and the linear
     probe when `frozen`, fine-tuning when `finetune`. Scores not computed are left out of the row."""
     overrides = [f'data.shards="{shards}"', f'run.output_dir="{out}"', "train.resume=none"]
+    base = load_config(CONFIGS[name])
+    if teacher := teacher_checkpoint(base):  # the workdir's run of that name (a row run before this one)
+        overrides.append(f'method.{base.method.name}.teacher_checkpoint="{out / Path(teacher).name}"')
     if steps:
-        base = load_config(CONFIGS[name])
         overrides += [f"train.steps={steps}", f"optim.warmup_steps={min(steps, base.optim.warmup_steps)}"]
     cfg = load_config(CONFIGS[name], overrides)
     checkpoint = finished_checkpoint(out, cfg) if reuse else None
     row: dict = {"config": str(CONFIGS[name].relative_to(ROOT))}
+    if teacher:
+        row["teacher"] = f"<workdir>/{Path(teacher).name}"
     if checkpoint is None:
         started = time.perf_counter()
         result = train(cfg)

@@ -27,6 +27,8 @@ UNTRACKED_PREFIXES = (
     "launch.",
     "train.resume",
     "train.init_from",
+    # A resumed distillation takes its frozen teacher from its own checkpoint (the teacher's files may move).
+    "method.dinov2.teacher_checkpoint",
 )
 
 REFUSED_PREFIXES = ("model.", "method.")

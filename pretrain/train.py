@@ -26,9 +26,12 @@ from data_pipeline.loader import merge_states
 from pretrain.checkpoint import CheckpointManager, dcp_load, find_checkpoint, load_rank_state, read_meta, resolve_resume
 from pretrain.ckpt.load import (
     PretrainedEncoder,
+    PretrainedTeacher,
     PretrainingRun,
     check_encoder_checkpoint,
+    check_teacher_checkpoint,
     load_encoder_state,
+    load_teacher_state,
     pretraining_run,
 )
 from pretrain.config import Config, ConfigError
@@ -47,6 +50,7 @@ from pretrain.methods.registry import (
     encoder_checkpoint,
     flops_per_sample,
     preflight_method,
+    teacher_checkpoint,
 )
 from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr, set_hyperparameters
 from pretrain.progress import Progress
@@ -163,6 +167,11 @@ class Trainer:
         self._resume_meta = read_meta(self.resumed_from) if self.resumed_from is not None else None
         if self._resume_meta is not None:
             self._check_resumable(self._resume_meta, self.resumed_from)
+        # A distillation's teacher: checked against this config now; a resumed run has it in its checkpoint.
+        self.teacher: PretrainedTeacher | None = None
+        if (source := teacher_checkpoint(cfg)) and self.resumed_from is None:
+            self.teacher = check_teacher_checkpoint(source, cfg)
+            self._tags = {**pretraining_run(source).tags("teacher"), **self._tags}
         # Data first: a missing or empty shard spec fails before a model exists.
         self.loader = loader if loader is not None else build_train_loader(cfg, self.world)
         self.device_transform = build_device_transform(cfg)
@@ -180,6 +189,9 @@ class Trainer:
             _, encoder, source = load_encoder_state(self.encoder)
             initial = self.method.initial_state(encoder)
             log.info("encoder weights from %s", source)
+        if self.teacher is not None:
+            initial |= self.method.teacher_state(load_teacher_state(self.teacher, self.method.teacher_sources()))
+            log.info("frozen teacher from %s", self.teacher.path)
         on_meta = any(p.is_meta for p in self.method.parameters())
         if initial and not on_meta:
             load_full_state(self.method, initial)

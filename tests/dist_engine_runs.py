@@ -108,11 +108,28 @@ def dinov2_overrides(*extra: str) -> list[str]:
     ]
 
 
+def dinov2_distill_overrides(*extra: str) -> list[str]:
+    """dinov2's, distilling a frozen ViT-small/4 teacher into the ViT-tiny/4 student: the patch loss on every
+    patch, a spare EMA of the student. The teacher keeps its random initialization (the checkpoint named is
+    never read: this harness builds methods, it does not run the loop that loads a teacher)."""
+    return dinov2_overrides(
+        'method.dinov2.teacher_checkpoint="teacher-of-the-harness"',
+        "method.dinov2.teacher_model.size=small",
+        "method.dinov2.teacher_model.patch_size=4",
+        "method.dinov2.teacher_model.layer_scale=0.1",
+        "method.dinov2.teacher_image_size=16",
+        "method.dinov2.ibot_separate_head=true",
+        "method.dinov2.ibot_out_dim=48",
+        *extra,
+    )
+
+
 OVERRIDES = {
     "simclr": simclr_overrides,
     "moco_v2": moco_overrides,
     "finetune": finetune_overrides,
     "dinov2": dinov2_overrides,
+    "dinov2_distill": dinov2_distill_overrides,
 }
 
 

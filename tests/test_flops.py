@@ -60,6 +60,23 @@ METHODS = {
         "model.num_register_tokens=2",
         "model.ffn=swiglu",
     ],
+    # A distillation's patch loss covers every patch: iBOT counts exactly. The teacher is wider than the student.
+    "dinov2_distill": [
+        "method.name=dinov2",
+        "data.local_crops=2",
+        "data.local_crop_size=16",
+        "method.dinov2.out_dim=128",
+        "method.dinov2.hidden_dim=96",
+        "method.dinov2.bottleneck_dim=32",
+        "method.dinov2.ibot_separate_head=true",
+        "method.dinov2.ibot_out_dim=64",
+        "method.dinov2.koleo_weight=0",
+        "method.dinov2.drop_path_rate=0",
+        'method.dinov2.teacher_checkpoint="unread"',
+        "method.dinov2.teacher_model.size=small",
+        "method.dinov2.teacher_model.patch_size=8",
+        "method.dinov2.teacher_image_size=32",
+    ],
     "dit": [
         "method.name=dit",
         "method.dit.space=pixel",

@@ -10,7 +10,7 @@ import torch
 from pretrain.checkpoint import dcp_load, find_checkpoint, read_meta
 from pretrain.config import Config, ConfigError, apply_overrides
 from pretrain.methods.base import Method
-from pretrain.methods.registry import build_method
+from pretrain.methods.registry import build_method, check_teacher
 from pretrain.models.resnet import ResNet
 from pretrain.models.vit import VisionTransformer
 from pretrain.recipes import config_from_saved
@@ -46,24 +46,35 @@ class PretrainedEncoder:
     shapes: dict[str, torch.Tensor]  # the encoder's tensors on the meta device, under the encoder's own names
 
 
-def pretrained_encoder(checkpoint: str | Path) -> PretrainedEncoder:
-    """The encoder of a DCP checkpoint: its method's inference network (MAE's encoder, DINO's teacher, MoCo's
-    query encoder), which must be a ViT or a ResNet for a classification head to attach to."""
-    path = find_checkpoint(checkpoint)
+def _saved_run(checkpoint: str | Path, key: str) -> tuple[Path, Config]:
+    """(the DCP checkpoint `checkpoint` names, its run's config); `key` is the setting that named it."""
+    try:
+        path = find_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
     meta = read_meta(path)
     if meta.get("format", "dcp") != "dcp":
         raise ConfigError(
-            f"method.finetune.checkpoint: {path} is a {meta.get('format')} checkpoint; "
-            "`pretrain ckpt convert --to dcp` it first"
+            f"{key}: {path} is a {meta.get('format')} checkpoint; `pretrain ckpt convert --to dcp` it first"
         )
-    cfg = config_from_saved(meta["config"])
+    return path, config_from_saved(meta["config"])
+
+
+def _meta_method(path: Path, cfg: Config, key: str) -> Method:
+    """The method of a checkpoint's run built on the meta device: its names and shapes, no memory, no
+    weights, the caller's RNG untouched."""
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            method = build_method(cfg)
+            return build_method(cfg)
     except Exception as exc:  # a method that cannot be built without its files (a DiT's VAE)
-        raise ConfigError(
-            f"method.finetune.checkpoint: cannot rebuild the {cfg.method.name!r} method of {path} ({exc})"
-        ) from exc
+        raise ConfigError(f"{key}: cannot rebuild the {cfg.method.name!r} method of {path} ({exc})") from exc
+
+
+def pretrained_encoder(checkpoint: str | Path) -> PretrainedEncoder:
+    """The encoder of a DCP checkpoint: its method's inference network (MAE's encoder, DINO's teacher, MoCo's
+    query encoder), which must be a ViT or a ResNet for a classification head to attach to."""
+    path, cfg = _saved_run(checkpoint, "method.finetune.checkpoint")
+    method = _meta_method(path, cfg, "method.finetune.checkpoint")
     network = method.inference_network()
     if not isinstance(network, (VisionTransformer, ResNet)):
         raise ConfigError(
@@ -72,6 +83,30 @@ def pretrained_encoder(checkpoint: str | Path) -> PretrainedEncoder:
         )
     prefix = next(name for name, module in method.named_modules() if module is network)
     return PretrainedEncoder(path, cfg, prefix, type(network), network.state_dict())
+
+
+@dataclass
+class PretrainedTeacher:
+    """A distillation's teacher checkpoint, checked against the run's config (meta.json only, no weights)."""
+
+    path: Path
+    cfg: Config  # the teacher's run's
+
+
+def check_teacher_checkpoint(checkpoint: str | Path, cfg: Config) -> PretrainedTeacher:
+    """Before any work: `checkpoint` exists, is DCP, and its run is a teacher the method of `cfg` takes."""
+    path, saved = _saved_run(checkpoint, f"method.{cfg.method.name}.teacher_checkpoint")
+    check_teacher(cfg, saved)
+    return PretrainedTeacher(path, saved)
+
+
+def load_teacher_state(teacher: PretrainedTeacher, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The teacher checkpoint's tensors whose names (in its own method's state dict) start with `prefixes`,
+    read alone (a sharded checkpoint's other networks and optimizer state stay on disk)."""
+    shapes = _meta_method(teacher.path, teacher.cfg, "teacher_checkpoint").state_dict()
+    state = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in shapes.items() if n.startswith(prefixes)}
+    dcp_load({"model": state}, teacher.path)
+    return state
 
 
 def load_encoder_state(checkpoint: str | Path | PretrainedEncoder) -> tuple[Config, dict[str, torch.Tensor], Path]:
@@ -114,9 +149,10 @@ class PretrainingRun:
     run_id: str | None  # the pretraining run's MLflow run, when it was tracked
     tracking_uri: str | None
 
-    def tags(self) -> dict[str, str]:
-        tags = {"pretrained_checkpoint": str(self.checkpoint.resolve()), "pretrained_method": self.method}
-        return tags | ({"pretrained_run_id": self.run_id} if self.run_id else {})
+    def tags(self, role: str = "pretrained") -> dict[str, str]:
+        """`role`: the tags' prefix (a fine-tune's `pretrained`, a distillation's `teacher`)."""
+        tags = {f"{role}_checkpoint": str(self.checkpoint.resolve()), f"{role}_method": self.method}
+        return tags | ({f"{role}_run_id": self.run_id} if self.run_id else {})
 
 
 def pretraining_run(checkpoint: str | Path) -> PretrainingRun:

@@ -94,21 +94,19 @@ def build_backbone(cfg: Config) -> VisionTransformer | ResNet:
     return build_vit_backbone(cfg) if cfg.model.arch == "vit" else build_resnet_backbone(cfg)
 
 
-def validate_vit_backbone(cfg: Config) -> None:
-    if cfg.model.arch != "vit":
-        raise ConfigError(f"model.arch: method.name={cfg.method.name!r} trains a ViT only, got {cfg.model.arch!r}")
-    check_choice("model.size", cfg.model.size, VIT_SIZES)
-    if cfg.data.image_size % cfg.model.patch_size:
-        raise ConfigError(
-            f"data.image_size: {cfg.data.image_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
-        )
-    width = VIT_SIZES[cfg.model.size][0]
-    if cfg.model.num_heads and width % cfg.model.num_heads:
-        raise ConfigError(
-            f"model.num_heads: {cfg.model.num_heads} does not divide the width {width} of {cfg.model.size}"
-        )
-    if cfg.model.pos_embed == "sincos" and width % 4:
-        raise ConfigError(f"model.pos_embed: a 2-D sin-cos table needs a width divisible by 4, got {width}")
+def validate_vit_backbone(cfg: Config, model_key: str = "model.", size_key: str = "data.image_size") -> None:
+    """`model_key`, `size_key`: where the messages say the settings are (a distillation's teacher's own)."""
+    model, size = cfg.model, cfg.data.image_size
+    if model.arch != "vit":
+        raise ConfigError(f"{model_key}arch: method.name={cfg.method.name!r} trains a ViT only, got {model.arch!r}")
+    check_choice(f"{model_key}size", model.size, VIT_SIZES)
+    if size % model.patch_size:
+        raise ConfigError(f"{size_key}: {size} is not a multiple of {model_key}patch_size {model.patch_size}")
+    width = VIT_SIZES[model.size][0]
+    if model.num_heads and width % model.num_heads:
+        raise ConfigError(f"{model_key}num_heads: {model.num_heads} does not divide the width {width} of {model.size}")
+    if model.pos_embed == "sincos" and width % 4:
+        raise ConfigError(f"{model_key}pos_embed: a 2-D sin-cos table needs a width divisible by 4, got {width}")
 
 
 def validate_backbone(cfg: Config) -> None:

@@ -72,3 +72,12 @@ class Method(nn.Module, ABC):
         methods whose spec names an `encoder_checkpoint`; the loop loads the result before the engine shards
         the method (into the shards, when it is built on the meta device), and never on resume."""
         raise NotImplementedError(f"{type(self).__name__} does not start from a pretrained encoder")
+
+    def teacher_sources(self) -> tuple[str, ...]:
+        """Name prefixes of the tensors a distillation reads from its teacher checkpoint's method state."""
+        raise NotImplementedError(f"{type(self).__name__} does not distill a pretrained teacher")
+
+    def teacher_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The frozen teacher's weights, as full tensors under this method's `state_dict` names, from its
+        checkpoint's tensors under `teacher_sources` (the teacher's run's names). Called as `initial_state` is."""
+        raise NotImplementedError(f"{type(self).__name__} does not distill a pretrained teacher")

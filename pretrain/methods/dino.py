@@ -94,8 +94,10 @@ class DINO(Method):
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         teacher_backbone: VisionTransformer | None = None,
+        teacher_head: DINOHead | None = None,
     ) -> None:
-        """`teacher_backbone`: the teacher's own build (DINOv2's has no stochastic depth); default a copy."""
+        """`teacher_backbone`, `teacher_head`: the teacher's own builds (DINOv2's has no stochastic depth, a
+        distilled teacher its own width); default copies of the student's."""
         super().__init__()
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = warmup_teacher_temp, warmup_teacher_temp_steps
@@ -112,7 +114,7 @@ class DINO(Method):
             backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer, last_layer_init
         )
         self.teacher_backbone = copy.deepcopy(backbone) if teacher_backbone is None else teacher_backbone
-        self.teacher_head = copy.deepcopy(self.head)
+        self.teacher_head = copy.deepcopy(self.head) if teacher_head is None else teacher_head
         for param in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
             param.requires_grad_(False)
         self.register_buffer("center", torch.zeros(out_dim))
@@ -207,9 +209,9 @@ class DINO(Method):
 
     @torch.no_grad()
     def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The teacher's last-layer cls attention per head, under each input image (row 1)."""
+        """The inference network's (the teacher's) last-layer cls attention per head, under each input image (row 1)."""
         images = batch["image"][0][: self.num_visuals]
-        maps = self.teacher_backbone.last_attention(images)  # [N, heads, h, w]
+        maps = self.inference_network().last_attention(images)  # [N, heads, h, w]
         maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest")
         low = maps.amin(dim=(2, 3), keepdim=True)
         high = maps.amax(dim=(2, 3), keepdim=True)

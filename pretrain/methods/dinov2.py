@@ -14,6 +14,13 @@ Teacher targets are Sinkhorn-Knopp's (3 iterations, sums reduced over ranks) or 
 center for the cls outputs (the mean over the global batch) and one for the patch outputs (each rank's mean
 over its masked tokens, averaged over ranks, as the release updates it).
 
+Distillation (the paper's section 5; the release has no code for it): with `teacher_checkpoint` the teacher
+is a frozen, pretrained dino or dinov2 network (backbone and heads, of any size) instead of the student's
+EMA. As the paper says, the student then sees no iBOT masks: the patch loss covers every patch of the two
+global crops. Stochastic depth is the config's (the distillation recipe sets 0). A spare EMA of the student
+(`ema_backbone`) is the final model. The teacher's heads are built with a trained last-layer norm, so a
+teacher whose norm was fixed to 1 loads with its norms set to 1, the same function.
+
 Deviations, each an edge of the release rather than a choice of recipe: without local crops the release
 divides the two global pairs by 3 (its local-term count is max(local x 2, 1)); this averages them. The
 release decays the weight-normalized last layer's norm; the optimizer here never decays 1-d parameters.
@@ -22,7 +29,8 @@ release decays the weight-normalized last layer's norm; the optimizer here never
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -32,10 +40,17 @@ from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.reader import derive_seed
 from kernels.dino_loss import dino_cross_entropy, teacher_probabilities
 from pretrain.activation_memory import STAT, Collective
-from pretrain.config import Config, ConfigError, bounded
+from pretrain.config import Config, ConfigError, ModelConfig, bounded
 from pretrain.distributed import all_reduce_mean, all_reduce_sum, rank, world_size
 from pretrain.flops import FlopCount, linear_flops, mlp_flops
-from pretrain.methods.backbone import build_vit_backbone, clean_name, vit_backbone_flops, vit_layer_decay, vit_width
+from pretrain.methods.backbone import (
+    build_vit_backbone,
+    clean_name,
+    validate_vit_backbone,
+    vit_backbone_flops,
+    vit_layer_decay,
+    vit_width,
+)
 from pretrain.methods.block_masking import BlockMasking, ibot_masks
 from pretrain.methods.dino import DINO, steps_per_epoch
 from pretrain.methods.dino import activations as dino_activations
@@ -99,6 +114,14 @@ class DINOv2Config:
     # Layer-wise learning-rate decay of the student's blocks, and the patch embedding's extra factor.
     layer_decay: float = bounded(0.9, gt=0, le=1)
     patch_embed_lr_mult: float = bounded(0.2, gt=0)
+    # Distillation: a DCP checkpoint of a dino or dinov2 run (trained here, or from `ckpt import`) whose EMA
+    # teacher, backbone and heads, is this run's frozen teacher; "" for self-distillation.
+    teacher_checkpoint: str = ""
+    # The teacher's network as its run built it (that run's `model` section and `data.image_size`), so a
+    # distilled run rebuilds without the teacher's files. Checked against the checkpoint before any work;
+    # the error lists the values to set. The teacher runs model.attn_backend, the student's kernel.
+    teacher_model: ModelConfig = field(default_factory=ModelConfig)
+    teacher_image_size: int = bounded(224, gt=0)
 
 
 class DINOv2(DINO):
@@ -111,10 +134,18 @@ class DINOv2(DINO):
         std: tuple[float, ...] = IMAGENET_STD,
         epoch_steps: int = 0,
         seed: int = 0,
+        ema_backbone: VisionTransformer | None = None,
     ) -> None:
-        """`seed`: the run's, from which the iBOT masks of every step and micro-batch are drawn."""
+        """`seed`: the run's, from which the iBOT masks of every step and micro-batch are drawn.
+        `ema_backbone`: a distillation's spare EMA of the student (built without stochastic depth or mask
+        token); with it, `teacher_backbone` is the frozen teacher, loaded by the loop (`teacher_state`)."""
         self.ibot_separate_head = cfg.ibot_separate_head
+        self.distilling = ema_backbone is not None
         self._heads_built = False  # DINO's constructor initializes before the iBOT heads exist
+        head_dims = (cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers)
+        # A distilled teacher's heads take its width; their last-layer norm is a parameter, so any teacher
+        # loads (a norm fixed to 1 is the same function as a norm of 1).
+        teacher_head = DINOHead(teacher_backbone.embed_dim, *head_dims, False) if self.distilling else None
         super().__init__(
             backbone,
             out_dim=cfg.out_dim,
@@ -135,6 +166,7 @@ class DINOv2(DINO):
             mean=mean,
             std=std,
             teacher_backbone=teacher_backbone,
+            teacher_head=teacher_head,
         )
         self.centering, self.sinkhorn_iterations = cfg.centering, cfg.sinkhorn_iterations
         self.dino_weight, self.ibot_weight, self.koleo_weight = cfg.dino_weight, cfg.ibot_weight, cfg.koleo_weight
@@ -145,7 +177,12 @@ class DINOv2(DINO):
         if self.ibot_separate_head:
             dims = (cfg.ibot_out_dim, cfg.ibot_hidden_dim, cfg.ibot_bottleneck_dim, cfg.head_layers)
             self.ibot_head = DINOHead(backbone.embed_dim, *dims, cfg.norm_last_layer, cfg.last_layer_init)
-            self.teacher_ibot_head = copy.deepcopy(self.ibot_head).requires_grad_(False)
+            if self.distilling:
+                self.teacher_ibot_head = DINOHead(teacher_backbone.embed_dim, *dims, False).requires_grad_(False)
+            else:
+                self.teacher_ibot_head = copy.deepcopy(self.ibot_head).requires_grad_(False)
+        if self.distilling:
+            self.ema_backbone = ema_backbone.requires_grad_(False)
         patch_dim = cfg.ibot_out_dim if self.ibot_separate_head else cfg.out_dim
         self.register_buffer("patch_center", torch.zeros(patch_dim))
         self.seed = seed
@@ -158,18 +195,56 @@ class DINOv2(DINO):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """A distilled teacher gets a random init here, replaced by the checkpoint's weights (`teacher_state`)."""
         if self._heads_built and self.ibot_separate_head:
             self.ibot_head.init_weights()
-        super().init_weights()  # copies the student to the teacher, iBOT heads included
+        if self.distilling:
+            self.teacher_head.init_weights()
+            if self._heads_built and self.ibot_separate_head:
+                self.teacher_ibot_head.init_weights()
+        super().init_weights()  # copies the student to the averaged networks (`ema_pairs`)
         if self._heads_built:
             self.patch_center.zero_()
             self._step, self._micro = None, 0
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(EMA teacher, student) networks; a distillation's teacher is frozen, and only its spare EMA of the
+        student backbone follows the student."""
+        if self.distilling:
+            return [(self.ema_backbone, self.backbone)] if self._heads_built else []
         pairs = super().ema_pairs()
         if self._heads_built and self.ibot_separate_head:
             pairs.append((self.teacher_ibot_head, self.ibot_head))
         return pairs
+
+    def inference_network(self) -> VisionTransformer:
+        return self.ema_backbone if self.distilling else self.teacher_backbone
+
+    def transformer_blocks(self) -> list[nn.ModuleList]:
+        return super().transformer_blocks() + ([self.ema_backbone.blocks] if self.distilling else [])
+
+    def teacher_sources(self) -> tuple[str, ...]:
+        """The networks a distillation reads from its teacher's checkpoint: the EMA teacher of a dino or dinov2
+        run, under the same names as here."""
+        return ("teacher_backbone.", "teacher_head.") + (("teacher_ibot_head.",) if self.ibot_separate_head else ())
+
+    def teacher_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The frozen teacher's weights from its checkpoint's (`teacher_sources`): its iBOT mask token, an
+        input of its student only, is dropped; a last-layer norm fixed to 1 becomes a norm of 1. Any other
+        difference from this method's teacher fails, naming the tensors."""
+        ours = {n: t for n, t in self.state_dict().items() if n.startswith(self.teacher_sources())}
+        state = {n: t for n, t in state.items() if n != "teacher_backbone.mask_token"}
+        for name, tensor in ours.items():
+            if name.endswith("last_layer.weight_g") and name not in state:
+                state[name] = torch.ones(tensor.shape, dtype=tensor.dtype)
+        missing, unexpected = sorted(ours.keys() - state.keys()), sorted(state.keys() - ours.keys())
+        wrong = [n for n in ours.keys() & state.keys() if ours[n].shape != state[n].shape]
+        if missing or unexpected or wrong:
+            raise ConfigError(
+                "method.dinov2.teacher_checkpoint: the checkpoint's teacher does not fit method.dinov2.teacher_model "
+                f"(missing: {missing[:4]}, unexpected: {unexpected[:4]}, other shapes: {sorted(wrong)[:4]})"
+            )
+        return state
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         super().on_step_end(step, total_steps)
@@ -191,11 +266,11 @@ class DINOv2(DINO):
 
     @torch.no_grad()
     def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """DINO's attention maps, and DINOv2's PCA of the teacher's patch features (`patch_pca_rgb`): the
+        """DINO's attention maps, and DINOv2's PCA of the final network's patch features (`patch_pca_rgb`): the
         images above their maps, upsampled to the image size."""
         pictures = super().visuals(batch)
         images = batch["image"][0][: self.num_visuals]
-        pictures["pca"], _ = pca_grid(self.teacher_backbone, images, self.image_mean, self.image_std)
+        pictures["pca"], _ = pca_grid(self.inference_network(), images, self.image_mean, self.image_std)
         return pictures
 
     def patch_heads(self) -> tuple[nn.Module, nn.Module]:
@@ -209,6 +284,8 @@ class DINOv2(DINO):
         so N ranks draw what one process draws on the whole batch."""
         if self.ibot_weight == 0 or not self.training:
             return torch.zeros(crops * per_crop, self.backbone.num_patches, dtype=torch.bool, device=device)
+        if self.distilling:  # the patch loss on every patch, and no mask tokens in the student's input
+            return torch.ones(crops * per_crop, self.backbone.num_patches, dtype=torch.bool, device=device)
         if self._step is None:
             self._step = int(self.steps_done)
         seed = derive_seed(self.seed, "ibot", self._step, self._micro)
@@ -243,7 +320,7 @@ class DINOv2(DINO):
         global_images = torch.cat(list(views[:crops]))
         masks = self.draw_masks(crops, per_crop, global_images.device)
 
-        tokens = self.backbone.forward_tokens(global_images, masks=masks)
+        tokens = self.backbone.forward_tokens(global_images, masks=None if self.distilling else masks)
         cls = tokens[:, 0]
         cls_all = torch.cat([cls, *self.student_features(list(views[crops:]), "cls")])
         frozen = self.steps_done < self.freeze_last_layer_steps
@@ -292,6 +369,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"method.dinov2.mask_ratio_min: {v2.mask_ratio_min} exceeds method.dinov2.mask_ratio_max {v2.mask_ratio_max}"
         )
+    if v2.teacher_checkpoint:
+        validate_vit_backbone(teacher_config(cfg), "method.dinov2.teacher_model.", "method.dinov2.teacher_image_size")
     if v2.koleo_weight and cfg.data.batch_size < 2:
         raise ConfigError(
             f"method.dinov2.koleo_weight: KoLeo needs a nearest neighbour within each rank's micro-batch, and "
@@ -308,14 +387,95 @@ def train_transform(cfg: Config):
     return joint_embedding_transform(cfg)
 
 
+def teacher_config(cfg: Config) -> Config:
+    """cfg with a distillation's teacher network in `model` and its training size in `data.image_size`; the
+    teacher runs the student's attention kernel (`model.attn_backend`), one choice for the run."""
+    v2 = cfg.method.dinov2
+    data = dataclasses.replace(cfg.data, image_size=v2.teacher_image_size)
+    model = dataclasses.replace(v2.teacher_model, attn_backend=cfg.model.attn_backend)
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
 def build(cfg: Config) -> DINOv2:
     v2 = cfg.method.dinov2
     epoch_steps = steps_per_epoch(cfg, v2.steps_per_epoch) if v2.warmup_teacher_temp_epochs else 0
-    student = build_vit_backbone(cfg, v2.drop_path_rate, v2.drop_path_uniform, mask_token=True)
-    teacher = build_vit_backbone(cfg, mask_token=True)
+    distilling = bool(v2.teacher_checkpoint)
+    student = build_vit_backbone(cfg, v2.drop_path_rate, v2.drop_path_uniform, mask_token=not distilling)
+    if distilling:
+        teacher, ema = build_vit_backbone(teacher_config(cfg)), build_vit_backbone(cfg)
+    else:
+        teacher, ema = build_vit_backbone(cfg, mask_token=True), None
     return DINOv2(
-        student, teacher, v2, mean=cfg.data.mean, std=cfg.data.std, epoch_steps=epoch_steps, seed=cfg.run.seed
+        student,
+        teacher,
+        v2,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        epoch_steps=epoch_steps,
+        seed=cfg.run.seed,
+        ema_backbone=ema,
     )
+
+
+# Settings of a teacher's network that do not change the frozen function: the attention kernel, the random
+# init (replaced by the checkpoint's weights), stochastic depth (a teacher has none).
+_TEACHER_FREE = ("attn_backend", "init", "drop_path_mode")
+
+
+def check_teacher(cfg: Config, teacher: Config) -> None:
+    """Before any work: the teacher checkpoint's run (`teacher`, its saved config) is a self-distilled dino or
+    dinov2 run whose network is method.dinov2.teacher_model at teacher_image_size, and whose heads have this
+    run's prototypes and sizes (the student learns the teacher's prototype distributions)."""
+    v2 = cfg.method.dinov2
+    source = f"the teacher {v2.teacher_checkpoint}"
+    name = teacher.method.name
+    if name not in ("dino", "dinov2") or (name == "dinov2" and teacher.method.dinov2.teacher_checkpoint):
+        kind = "distilled dinov2" if name == "dinov2" else repr(name)
+        raise ConfigError(
+            f"method.dinov2.teacher_checkpoint: {source} is a {kind} run; a teacher is a self-distilled dino or "
+            "dinov2 run's EMA teacher"
+        )
+    if name == "dino" and teacher.method.dino.pool != "cls":
+        raise ConfigError(f"method.dinov2.teacher_checkpoint: {source}'s head was trained on mean patch tokens")
+    wrong = [
+        (f"teacher_model.{key}", getattr(teacher.model, key), getattr(v2.teacher_model, key))
+        for key in vars(teacher.model)
+        if key not in _TEACHER_FREE and getattr(teacher.model, key) != getattr(v2.teacher_model, key)
+    ]
+    if teacher.data.image_size != v2.teacher_image_size:
+        wrong.append(("teacher_image_size", teacher.data.image_size, v2.teacher_image_size))
+    heads = teacher.method.dino if name == "dino" else teacher.method.dinov2
+    wrong += [
+        (key, getattr(heads, key), getattr(v2, key))
+        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers")
+        if getattr(heads, key) != getattr(v2, key)
+    ]
+    separate = name == "dinov2" and teacher.method.dinov2.ibot_separate_head
+    if separate != v2.ibot_separate_head:
+        wrong.append(("ibot_separate_head", separate, v2.ibot_separate_head))
+    elif separate:
+        wrong += [
+            (key, getattr(heads, key), getattr(v2, key))
+            for key in ("ibot_out_dim", "ibot_hidden_dim", "ibot_bottleneck_dim")
+            if getattr(heads, key) != getattr(v2, key)
+        ]
+    if wrong:
+        settings = " ".join(f"method.dinov2.{key}={_toml(saved)}" for key, saved, _ in wrong)
+        raise ConfigError(
+            f"method.dinov2.{wrong[0][0]}: {source} was trained with {wrong[0][1]!r}, this config says "
+            f"{wrong[0][2]!r}; to take that teacher set {settings}"
+        )
+    size, patch = cfg.data.image_size, v2.teacher_model.patch_size
+    if v2.ibot_weight and (size % patch or size // patch != size // cfg.model.patch_size):
+        raise ConfigError(
+            f"method.dinov2.teacher_model.patch_size: the iBOT loss pairs student and teacher patches, and at "
+            f"data.image_size {size} the teacher's patch {patch} does not make the student's grid; use "
+            f"model.patch_size {patch} or method.dinov2.ibot_weight = 0"
+        )
+
+
+def _toml(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def _expected_masked_patches(cfg: Config) -> float:
@@ -324,26 +484,39 @@ def _expected_masked_patches(cfg: Config) -> float:
     if not v2.ibot_weight:
         return 0.0
     patches = (cfg.data.image_size // cfg.model.patch_size) ** 2
+    if v2.teacher_checkpoint:  # a distillation's patch loss covers every patch
+        return float(patches)
     return v2.mask_probability * patches * (v2.mask_ratio_min + v2.mask_ratio_max) / 2
 
 
 def flops(cfg: Config) -> FlopCount:
     """Student: backbone on 2 global + data.local_crops local views, the DINO head on every view's cls token
-    and the patch head on the masked tokens (their expected count); teacher (forward only): backbone and the
-    heads on the 2 global views; the cross-entropies over the prototypes."""
-    v2, dim = cfg.method.dinov2, vit_width(cfg)
-    dino_head = mlp_flops([dim] + [v2.hidden_dim] * (v2.head_layers - 1) + [v2.bottleneck_dim, v2.out_dim])
+    and the patch head on the masked tokens (their expected count; a distillation's: every patch); teacher
+    (forward only, a distillation's own network): backbone and the heads on the 2 global views; DINO's
+    cross-entropy over the prototypes (a product of view pairs; iBOT's per-token one is elementwise, which
+    FLOP counts leave out)."""
+    v2 = cfg.method.dinov2
     patch_out = v2.ibot_out_dim if v2.ibot_separate_head else v2.out_dim
     patch_hidden = v2.ibot_hidden_dim if v2.ibot_separate_head else v2.hidden_dim
     patch_bottleneck = v2.ibot_bottleneck_dim if v2.ibot_separate_head else v2.bottleneck_dim
-    patch_head = mlp_flops([dim] + [patch_hidden] * (v2.head_layers - 1) + [patch_bottleneck, patch_out])
     masked = _expected_masked_patches(cfg)
-    global_view = vit_backbone_flops(cfg, cfg.data.image_size).trained + dino_head + masked * patch_head
+
+    def global_view(network: Config) -> tuple[float, float]:
+        """(backbone and heads on one global view, the DINO head alone) of `network`'s width."""
+        dim = vit_width(network)
+        dino_head = mlp_flops([dim] + [v2.hidden_dim] * (v2.head_layers - 1) + [v2.bottleneck_dim, v2.out_dim])
+        patch_head = mlp_flops([dim] + [patch_hidden] * (v2.head_layers - 1) + [patch_bottleneck, patch_out])
+        backbone = vit_backbone_flops(network, cfg.data.image_size).trained
+        return backbone + dino_head + masked * patch_head, dino_head
+
+    student_global, dino_head = global_view(cfg)
+    teacher = teacher_config(cfg) if v2.teacher_checkpoint else cfg
+    teacher_global = global_view(dataclasses.replace(teacher, data=cfg.data))[0]
     local_view = vit_backbone_flops(cfg, cfg.data.local_crop_size).trained + dino_head
     views = 2 + cfg.data.local_crops
-    cross_entropy = linear_flops(2, views, v2.out_dim) + linear_flops(2 * masked, 1, patch_out)
-    student = 2 * global_view + cfg.data.local_crops * local_view + cross_entropy
-    return FlopCount(student, 2 * global_view)
+    cross_entropy = linear_flops(2, views, v2.out_dim)  # DINO's pairs of views: a product; iBOT's is elementwise
+    student = 2 * student_global + cfg.data.local_crops * local_view + cross_entropy
+    return FlopCount(student, 2 * teacher_global)
 
 
 def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
@@ -358,8 +531,6 @@ def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:
 
 def _as_dino(cfg: Config) -> Config:
     """cfg with method.dino's head sizes set to method.dinov2's, for DINO's activation model."""
-    import dataclasses
-
     v2 = cfg.method.dinov2
     dino = dataclasses.replace(
         cfg.method.dino,
@@ -399,4 +570,6 @@ SPEC = MethodSpec(
     averaged_network_runs_forward=True,
     crop_views=joint_embedding_crop_views,
     synthetic_overrides=synthetic_overrides,
+    teacher_checkpoint=lambda cfg: cfg.method.dinov2.teacher_checkpoint,
+    check_teacher=check_teacher,
 )

@@ -76,6 +76,19 @@ def encoder_checkpoint(cfg: Config) -> str:
     return source(cfg) if source is not None else ""
 
 
+def teacher_checkpoint(cfg: Config) -> str:
+    """The checkpoint of the frozen teacher this run distills ("" for none)."""
+    source = METHODS[cfg.method.name].teacher_checkpoint
+    return source(cfg) if source is not None else ""
+
+
+def check_teacher(cfg: Config, teacher: Config) -> None:
+    """Whether this run can distill the teacher whose run's config is `teacher` (ConfigError naming the key)."""
+    check = METHODS[cfg.method.name].check_teacher
+    if check is not None:
+        check(cfg, teacher)
+
+
 def build_method(cfg: Config) -> Method:
     return METHODS[cfg.method.name].build(cfg)
 

@@ -57,6 +57,12 @@ class MethodSpec:
     # cfg -> the checkpoint whose encoder (its method's inference network: a ViT or ResNet) a new run starts
     # from, "" for none. The loop checks it before any work and loads it through `Method.initial_state`.
     encoder_checkpoint: Callable[[Config], str] | None = None
+    # cfg -> the checkpoint of a frozen, pretrained teacher this run distills, "" for none. Before any work the
+    # loop hands its run's saved config to `check_teacher` (cfg, teacher cfg -> None, raising ConfigError
+    # naming the key); a new run loads the teacher through `Method.teacher_sources` and `teacher_state`, a
+    # resumed one from its own checkpoint.
+    teacher_checkpoint: Callable[[Config], str] | None = None
+    check_teacher: Callable[[Config, Config], None] | None = None
     # cfg -> overrides for settings the method reads from the data's manifest (a latent scale, steps per
     # epoch), for runs on synthetic batches without shards (`pretrain bench --synthetic-data`).
     synthetic_overrides: Callable[[Config], list[str]] | None = None
