@@ -5,13 +5,11 @@ and 2 ranks under DDP and FSDP2 reproduce one process with 2 micro-batches."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_pretext_runs import case_dir
 
 from pretrain.config import ConfigError
 from pretrain.recipes import load_config
@@ -117,26 +115,48 @@ def test_pretext_tasks_check_the_resnet_input_sizes(tmp_path, digit_shards):
         )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-@pytest.mark.parametrize("name", list(PRETEXT))
-def test_two_ranks_match_one_process(tmp_path, digit_shards, name, engine):
-    """2 ranks x batch 8 == 1 process x 2 micro-batches of 8: same samples, random draws and updates."""
+ENGINES = ["ddp", "fsdp"]
+
+
+def three_steps(name: str) -> list[str]:
     # Colorization's second (split-brain) network is resumed above; one network shows the engines agree.
-    steps = ["train.steps=3", *(["method.colorization.split_brain=false"] if name == "colorization" else [])]
-    single = overrides(name, tmp_path / "one", digit_shards, "data.num_workers=2", "optim.accum_steps=2", *steps)
-    one = Trainer(load_config(config(name), single)).fit()
-    sets = [
-        x
-        for o in overrides(name, tmp_path / "two", digit_shards, f"engine.kind={engine}", *steps)
-        for x in ("--set", o)
+    return ["train.steps=3", *(["method.colorization.split_brain=false"] if name == "colorization" else [])]
+
+
+def two_ranks_overrides(name: str, engine: str, out: Path, shards: Path) -> list[str]:
+    """The 2-rank run of test_two_ranks_match_one_process (tests/dist_pretext_runs.py trains it)."""
+    return overrides(name, out, shards, f"engine.kind={engine}", *three_steps(name))
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, digit_shards) -> Path:
+    """The 2-rank runs of the selected test_two_ranks_match_one_process cases, from one torchrun (see
+    tests/dist_pretext_runs.py): the directory that holds them."""
+    from test_engines import torchrun
+
+    out = tmp_path_factory.mktemp("pretext-two-ranks")
+    cases = [
+        f"{item.callspec.params['name']},{item.callspec.params['engine']}"
+        for item in request.session.items
+        if item.module is request.module and item.originalname == "test_two_ranks_match_one_process"
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "pretrain.cli", "train", str(config(name)), *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = (tmp_path / "two" / "tiny" / "metrics.jsonl").read_text().splitlines()
+    torchrun(2, [str(REPO / "tests/dist_pretext_runs.py"), str(out), str(digit_shards), *cases])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(PRETEXT))
+def test_two_ranks_match_one_process(tmp_path, digit_shards, two_rank_runs, name, engine):
+    """2 ranks x batch 8 == 1 process x 2 micro-batches of 8: same samples, random draws and updates."""
+    single = overrides(
+        name, tmp_path / "one", digit_shards, "data.num_workers=2", "optim.accum_steps=2", *three_steps(name)
+    )
+    one = Trainer(load_config(config(name), single)).fit()
+    run = case_dir(two_rank_runs, name, engine)
+    errors = sorted(run.glob("error-rank*.txt"))
+    assert not errors, "\n".join(f"{e.name}:\n{e.read_text()}" for e in errors)
+    lines = (run / "tiny" / "metrics.jsonl").read_text().splitlines()
     two = [json.loads(line)["loss"] for line in lines]
     assert len(two) == 3
     assert two == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
