@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.bench import register as register_bench
     from pretrain.ckpt.cli import register as register_ckpt
     from pretrain.eval.fid import register as register_fid
+    from pretrain.eval.nll import register as register_nll
     from pretrain.eval.pca import register as register_viz
     from pretrain.latent_shards import register as register_latents
     from pretrain.plan.cli import register as register_plan
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_tracking(commands)
     register_viz(commands)
     register_fid(eval_commands)
+    register_nll(eval_commands)
 
     demo = commands.add_parser("demo", help="digits shards -> MAE ViT-tiny pretraining -> kNN vs random init")
     demo.add_argument("--out", default="runs/demo", help="directory for shards, run and MLflow store")

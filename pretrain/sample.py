@@ -1,4 +1,5 @@
-"""`pretrain sample`: class-conditional samples from a DiT checkpoint's EMA weights, as a PNG grid."""
+"""`pretrain sample`: class-conditional samples from a DiT checkpoint's EMA weights (or a PixelCNN's, pixel by
+pixel), as a PNG grid."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pretrain.checkpoint import find_checkpoint, read_meta
 from pretrain.diffusion.sampling import SAMPLERS
 from pretrain.engines.base import resolve_device
 from pretrain.runtime.world import WorldInfo
@@ -30,10 +32,15 @@ def sample_grid(
     paper's guidance scale s (1: no guidance), `guided_channels` > 0 guides only the first channels."""
     from pretrain.ckpt.load import load_method
     from pretrain.methods.dit import RectifiedFlowDiT
+    from pretrain.methods.pixelcnn import PixelCNNMethod
 
     cfg, method, path = load_method(checkpoint)
+    if isinstance(method, PixelCNNMethod):
+        return _pixelcnn_grid(cfg, method, label, num, seed)
     if not isinstance(method, RectifiedFlowDiT):
-        raise ValueError(f"{path} was trained with method.name={cfg.method.name!r}; sampling needs a 'dit' checkpoint")
+        raise ValueError(
+            f"{path} was trained with method.name={cfg.method.name!r}; sampling needs a 'dit' or 'pixelcnn' checkpoint"
+        )
     if not 0 <= label < method.ema.num_classes:
         raise ValueError(f"--class {label} is outside [0, {method.ema.num_classes})")
     device = resolve_device(cfg.run.device, WorldInfo())
@@ -44,6 +51,19 @@ def sample_grid(
         labels, steps, cfg_scale, sampler, generator, use_ema=use_ema, guided_channels=guided_channels
     )
     return image_grid(method.decode(latents), nrow=math.ceil(math.sqrt(num)))
+
+
+def _pixelcnn_grid(cfg, method, label: int, num: int, seed: int) -> torch.Tensor:
+    """A PixelCNN's samples, pixel by pixel (`PixelCNN.sample`); `label` is ignored by an unconditional model."""
+    classes = method.model.num_classes
+    if classes and not 0 <= label < classes:
+        raise ValueError(f"--class {label} is outside [0, {classes})")
+    device = resolve_device(cfg.run.device, WorldInfo())
+    method.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.full((num,), label, dtype=torch.long, device=device) if classes else None
+    samples = method.generate(labels, num, generator)
+    return image_grid(samples.float().div(255), nrow=math.ceil(math.sqrt(num)))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -59,14 +79,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.guided_channels,
     )
     Image.fromarray(grid.numpy()).save(args.out)
-    print(
-        f"{args.num} samples of class {args.label} ({args.sampler}, {args.steps} steps, guidance scale s={args.cfg_scale}): {args.out}"
-    )
+    if read_meta(find_checkpoint(args.checkpoint))["config"]["method"]["name"] == "pixelcnn":
+        how = "pixel by pixel"
+    else:
+        how = f"{args.sampler}, {args.steps} steps, guidance scale s={args.cfg_scale}"
+    print(f"{args.num} samples of class {args.label} ({how}): {args.out}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sample", help="class-conditional samples from a DiT checkpoint, as a PNG grid")
+    p = subparsers.add_parser(
+        "sample", help="class-conditional samples from a DiT or PixelCNN checkpoint, as a PNG grid"
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
     p.add_argument("--class", dest="label", type=int, required=True, help="class index to generate")
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")

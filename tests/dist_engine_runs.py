@@ -124,12 +124,29 @@ def dinov2_distill_overrides(*extra: str) -> list[str]:
     )
 
 
+def pixelcnn_overrides(*extra: str) -> list[str]:
+    """A class-conditional gated PixelCNN over 8 px RGB images (3 channel groups), 256-way softmax."""
+    return [
+        "method.name=pixelcnn",
+        "data.image_size=8",
+        "method.pixelcnn.channels=3",
+        "method.pixelcnn.hidden_channels=12",
+        "method.pixelcnn.layers=3",
+        "method.pixelcnn.first_kernel_size=5",
+        "method.pixelcnn.num_classes=5",
+        "run.device=cpu",
+        "optim.lr_scaling=none",
+        *extra,
+    ]
+
+
 OVERRIDES = {
     "simclr": simclr_overrides,
     "moco_v2": moco_overrides,
     "finetune": finetune_overrides,
     "dinov2": dinov2_overrides,
     "dinov2_distill": dinov2_distill_overrides,
+    "pixelcnn": pixelcnn_overrides,
 }
 
 
@@ -148,8 +165,13 @@ def global_views(step: int, size: int = 16) -> list[torch.Tensor]:
 
 
 def batch_of(cfg, step: int, mine: slice, dtype: torch.dtype) -> dict:
-    """This rank's slice of step's global batch: two views for the contrastive methods, one labelled image else."""
+    """This rank's slice of step's global batch: two views for the contrastive methods, one labelled image else
+    (integer pixels for the PixelCNN)."""
     views = global_views(step, cfg.data.image_size)
+    if cfg.method.name == "pixelcnn":  # integer pixels and labels
+        generator = torch.Generator().manual_seed(step)
+        pixels = torch.randint(0, 256, (IMAGES, 3, cfg.data.image_size, cfg.data.image_size), generator=generator)
+        return {"image": pixels[mine], "label": (torch.arange(IMAGES) % 5)[mine]}
     if cfg.method.name != "finetune":
         return {"image": [view[mine].to(dtype) for view in views]}
     labels = torch.arange(IMAGES) % cfg.method.finetune.num_classes

@@ -19,6 +19,7 @@ from pretrain.methods import (
     mae,
     moco,
     moco_queue,
+    pixelcnn,
     relative_patch,
     rotation,
     simclr,
@@ -45,6 +46,7 @@ METHODS: dict[str, MethodSpec] = {
         moco_queue.SPEC_V1,
         moco_queue.SPEC_V2,
         cpc.SPEC,
+        pixelcnn.SPEC,
         finetune.SPEC,
     )
 }
