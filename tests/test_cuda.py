@@ -36,6 +36,16 @@ METHODS = {
         "data.local_crops=2",
         "data.local_crop_size=8",
     ],
+    "dinov2": [
+        "method.name=dinov2",
+        "method.dinov2.out_dim=64",
+        "method.dinov2.hidden_dim=32",
+        "method.dinov2.bottleneck_dim=16",
+        "model.layer_scale=0.1",
+        "model.num_register_tokens=2",
+        "data.local_crops=2",
+        "data.local_crop_size=8",
+    ],
     "dit": [
         "method.name=dit",
         "method.dit.space=pixel",
@@ -67,6 +77,14 @@ METHODS = {
         "method.colorization.split_brain=true",
         "method.colorization.prior_images=8",
     ],
+    "pixelcnn": [
+        "method.name=pixelcnn",
+        "method.pixelcnn.channels=1",
+        "method.pixelcnn.hidden_channels=8",
+        "method.pixelcnn.layers=2",
+        "method.pixelcnn.num_classes=10",
+        "data.crop_scale=[1.0, 1.0]",
+    ],
     "vae": [
         "method.name=vae",
         "method.vae.downsample=4",
@@ -86,16 +104,21 @@ def _grads(fn, *inputs, upstream):
 
 
 @needs_compiled_triton
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 4, 197, 64), (1, 2, 257, 128), (2, 2, 100, 72)])
-def test_triton_attention_compiled_matches_reference(dtype, shape):
+def test_triton_attention_compiled_matches_reference(dtype, shape, causal):
     from kernels.attention import attention, reference_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, upstream = (torch.randn(shape, device="cuda", generator=gen, dtype=dtype) for _ in range(4))
-    actual = _grads(lambda a, b, c: attention(a, b, c, backend="triton"), q, k, v, upstream=upstream)
+    actual = _grads(lambda a, b, c: attention(a, b, c, backend="triton", causal=causal), q, k, v, upstream=upstream)
     expected = _grads(
-        lambda a, b, c: reference_attention(a.float(), b.float(), c.float()), q, k, v, upstream=upstream.float()
+        lambda a, b, c: reference_attention(a.float(), b.float(), c.float(), causal=causal),
+        q,
+        k,
+        v,
+        upstream=upstream.float(),
     )
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, **LOW_PRECISION[dtype])
