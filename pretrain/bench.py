@@ -199,7 +199,8 @@ def run_benchmark(
         if adjusted:
             cfg = load_config(config, settings + adjusted)
         loader = SyntheticLoader(synthetic_batch(cfg)) if synthetic else None
-        trainer = Trainer(cfg, loader=loader)
+        # On synthetic data a distillation's frozen teacher keeps its random init: the compute is the same.
+        trainer = Trainer(cfg, loader=loader, load_teacher=not synthetic)
         if loader is not None:
             loader.to(trainer.engine.device)
         try:

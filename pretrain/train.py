@@ -125,11 +125,21 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     """Holds the pieces of a run; `fit()` is the loop."""
 
-    def __init__(self, cfg: Config, loader: Any = None, force_lock: bool = False, tags: dict[str, str] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        loader: Any = None,
+        force_lock: bool = False,
+        tags: dict[str, str] | None = None,
+        load_teacher: bool = True,
+    ):
         """`loader`: batches to train on instead of data.shards' (e.g. the benchmark's synthetic batch).
         `force_lock`: take over the run directory's lock from a holder on another host (`--force`).
-        `tags`: set on the MLflow run besides the host's (a fine-tune's link to its pretraining run)."""
+        `tags`: set on the MLflow run besides the host's (a fine-tune's link to its pretraining run).
+        `load_teacher`: False leaves a distillation's frozen teacher at its random init, its checkpoint unread
+        (the benchmark on synthetic data times the same compute)."""
         self.cfg = cfg
+        self._load_teacher = load_teacher
         self.world = world_from_env()
         self.run_dir = cfg.run_dir
         self._tags = dict(tags or {})
@@ -169,7 +179,7 @@ class Trainer:
             self._check_resumable(self._resume_meta, self.resumed_from)
         # A distillation's teacher: checked against this config now; a resumed run has it in its checkpoint.
         self.teacher: PretrainedTeacher | None = None
-        if (source := teacher_checkpoint(cfg)) and self.resumed_from is None:
+        if (source := teacher_checkpoint(cfg)) and self.resumed_from is None and self._load_teacher:
             self.teacher = check_teacher_checkpoint(source, cfg)
             self._tags = {**pretraining_run(source).tags("teacher"), **self._tags}
         # Data first: a missing or empty shard spec fails before a model exists.

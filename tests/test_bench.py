@@ -14,15 +14,17 @@ from tiny import tiny_overrides
 
 
 def one_recipe_per_method_and_backbone() -> list[Path]:
-    """Recipes of the same method on the same backbone (and, for DiT, in the same space) differ in sizes
-    and schedules only, which the tiny overrides replace; test_config.py loads and validates every one."""
+    """Recipes of the same method on the same backbone (and, for DiT, in the same space; for DINOv2, with or
+    without a distilled teacher) differ in sizes and schedules only, which the tiny overrides replace;
+    test_config.py loads and validates every one."""
     from pretrain.recipes import load_config
 
     chosen: dict[tuple, Path] = {}
     for path in sorted(Path("configs").glob("*.toml")):
         cfg = load_config(path)
         section = getattr(cfg.method, cfg.method.name)
-        chosen.setdefault((cfg.method.name, cfg.model.arch, getattr(section, "space", None)), path)
+        distilled = bool(getattr(section, "teacher_checkpoint", ""))  # a frozen teacher (kept at its random init)
+        chosen.setdefault((cfg.method.name, cfg.model.arch, getattr(section, "space", None), distilled), path)
     return sorted(chosen.values())
 
 
@@ -90,7 +92,7 @@ def test_bench_every_recipe_synthetic(tmp_path, config):
     assert record["command"].startswith(f"pretrain bench {config}")
     assert record["config"]["train"]["ckpt_every"] == 0 and record["config"]["tracking"]["enabled"] is False
     assert record["mfu"] is None  # no bf16 peak on a CPU
-    if record["method"] == "vae":
+    if record["method"] in ("vae", "vq"):  # conv autoencoders: no FLOP count
         assert record["flops_per_sample"] is None and record["tflops_per_device"] is None
     else:
         assert record["tflops_per_device"] > 0

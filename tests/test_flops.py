@@ -77,6 +77,16 @@ METHODS = {
         "method.dinov2.teacher_model.patch_size=8",
         "method.dinov2.teacher_image_size=32",
     ],
+    # Every masked convolution runs dense, so the count is the full kernels'.
+    "pixelcnn": [
+        "method.name=pixelcnn",
+        "method.pixelcnn.channels=3",
+        "method.pixelcnn.hidden_channels=12",
+        "method.pixelcnn.layers=5",
+        "method.pixelcnn.first_kernel_size=3",
+        "method.pixelcnn.num_classes=10",
+        "data.image_size=8",
+    ],
     "dit": [
         "method.name=dit",
         "method.dit.space=pixel",
@@ -100,6 +110,9 @@ def small_batch(cfg) -> dict:
             "image": torch.randn(BATCH, channels, side, side, generator=gen),
             "label": torch.zeros(BATCH, dtype=torch.long),
         }
+    if cfg.method.name == "pixelcnn":  # integer pixels
+        pixels = torch.randint(0, 256, (BATCH, cfg.method.pixelcnn.channels, size, size), generator=gen)
+        return {"image": pixels, "label": torch.zeros(BATCH, dtype=torch.long)}
     views = {
         "mae": [],
         "moco": [size, size],

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from data_pipeline.augment import CenterCropResize, RandomHorizontalFlip, RandomResizedCrop
 from pretrain.config import Config, ConfigError, bounded
+from pretrain.flops import FlopCount
 from pretrain.methods.base import Method
 from pretrain.methods.finetune import data_classes
 from pretrain.methods.spec import MethodSpec
@@ -171,4 +172,29 @@ def eval_transform(cfg: Config):
     return pixel_transform(cfg.data.image_size, cfg.method.pixelcnn.channels, train=False)
 
 
-SPEC = MethodSpec("pixelcnn", PixelCNNConfig, build, train_transform, validate=validate, preflight=preflight)
+def flops(cfg: Config) -> FlopCount:
+    """Every convolution at every pixel (all keep the image's size), with its whole kernel: the masks zero taps
+    of dense kernels, which run in full. Per layer the vertical (k//2 + 1) x k and horizontal 1 x (k//2 + 1)
+    convolutions to 2 x hidden gate channels, the 1x1 link, the 1x1 skip and (all but the last layer) the 1x1
+    output; then the two 1x1 head layers."""
+    p = cfg.method.pixelcnn
+    pixels, hidden = cfg.data.image_size**2, p.hidden_channels
+
+    def conv(cin: int, cout: int, kh: int = 1, kw: int = 1) -> float:
+        return 2.0 * cin * cout * kh * kw * pixels
+
+    total = 0.0
+    for layer in range(p.layers):
+        k = p.first_kernel_size if layer == 0 else p.kernel_size
+        cin = p.channels if layer == 0 else hidden
+        total += conv(cin, 2 * hidden, k // 2 + 1, k) + conv(cin, 2 * hidden, 1, k // 2 + 1)
+        total += (
+            conv(2 * hidden, 2 * hidden) + conv(hidden, hidden) + (conv(hidden, hidden) if layer < p.layers - 1 else 0)
+        )
+    outputs = 256 if p.likelihood == "categorical" else 3 * p.n_mix
+    return FlopCount(total + conv(hidden, hidden) + conv(hidden, p.channels * outputs))
+
+
+SPEC = MethodSpec(
+    "pixelcnn", PixelCNNConfig, build, train_transform, validate=validate, preflight=preflight, flops=flops
+)
