@@ -140,6 +140,26 @@ def pixelcnn_overrides(*extra: str) -> list[str]:
     ]
 
 
+def vq_overrides(*extra: str) -> list[str]:
+    """A VQ tokenizer at downsample 4 on 16 px images with 16 codes: EMA codebook reduced over ranks, and a
+    high dead-code threshold so restarts happen, drawn alike on every rank."""
+    return [
+        "method.name=vq",
+        "data.image_size=16",
+        "method.vq.downsample=4",
+        "method.vq.base_channels=8",
+        "method.vq.norm_groups=4",
+        "method.vq.layers_per_block=1",
+        "method.vq.latent_channels=8",
+        "method.vq.num_codes=16",
+        "method.vq.code_dim=4",
+        "method.vq.dead_code_threshold=2.0",
+        "run.device=cpu",
+        "optim.lr_scaling=none",
+        *extra,
+    ]
+
+
 OVERRIDES = {
     "simclr": simclr_overrides,
     "moco_v2": moco_overrides,
@@ -147,6 +167,7 @@ OVERRIDES = {
     "dinov2": dinov2_overrides,
     "dinov2_distill": dinov2_distill_overrides,
     "pixelcnn": pixelcnn_overrides,
+    "vq": vq_overrides,
 }
 
 
@@ -172,6 +193,8 @@ def batch_of(cfg, step: int, mine: slice, dtype: torch.dtype) -> dict:
         generator = torch.Generator().manual_seed(step)
         pixels = torch.randint(0, 256, (IMAGES, 3, cfg.data.image_size, cfg.data.image_size), generator=generator)
         return {"image": pixels[mine], "label": (torch.arange(IMAGES) % 5)[mine]}
+    if cfg.method.name == "vq":  # one image
+        return {"image": views[0][mine].to(dtype)}
     if cfg.method.name != "finetune":
         return {"image": [view[mine].to(dtype) for view in views]}
     labels = torch.arange(IMAGES) % cfg.method.finetune.num_classes

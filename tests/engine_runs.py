@@ -42,6 +42,8 @@ CASES = {
     "dinov2_distill-zero3-adamw": (f"dinov2_distill,{ZERO3}", {"rtol": 1e-4, "atol": 2e-4}),
     "pixelcnn-ddp-adamw": ("pixelcnn,engine.kind=ddp,optim.base_lr=1e-3,optim.eps=1e-3", None),
     "pixelcnn-fsdp-adamw": ("pixelcnn,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
+    "vq-ddp-adamw": ("vq,engine.kind=ddp,optim.base_lr=1e-3,optim.eps=1e-3", None),
+    "vq-fsdp-adamw": ("vq,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
 }
 EXACT = {"rtol": 1e-4, "atol": 1e-5}
 

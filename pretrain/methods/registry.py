@@ -24,6 +24,7 @@ from pretrain.methods import (
     rotation,
     simclr,
     vae,
+    vq,
 )
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
@@ -37,6 +38,7 @@ METHODS: dict[str, MethodSpec] = {
         dinov2.SPEC,
         dit.SPEC,
         vae.SPEC,
+        vq.SPEC,
         rotation.SPEC,
         jigsaw.SPEC,
         relative_patch.SPEC,

@@ -186,7 +186,7 @@ class VectorQuantizer(nn.Module):
         flat = z.movedim(1, -1).reshape(-1, self.dim) if z.dim() == 4 else z
         if self.l2_normalize:
             flat = F.normalize(flat, dim=1)
-        vectors = flat.detach().float()
+        vectors = flat.detach().to(torch.promote_types(self.embedding.dtype, torch.float32))  # >= float32
         restarted = self.restart_dead_codes(vectors, generator) if self.training else 0
 
         codebook = self.codebook()
@@ -241,5 +241,5 @@ class VectorQuantizer(nn.Module):
         self.embedding[dead] = picked.to(self.embedding.dtype)
         usage[dead] = threshold
         if self.update == "ema":
-            self.ema_sum[dead] = threshold * picked
+            self.ema_sum[dead] = threshold * picked.to(self.ema_sum.dtype)
         return dead.numel()
