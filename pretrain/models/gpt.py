@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.attention import attention, get_attention_backend
-from pretrain.models.transformer import Mlp
+from pretrain.models.transformer import Attention, Mlp
 
 # ------------------------------------------------------------------------------------- logit filters
 
@@ -97,38 +96,13 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
-class CausalSelfAttention(nn.Module):
-    """Causal multi-head self-attention; with a cache, the new positions attend over everything cached before them
-    (the attention entry point aligns the causal mask to the last queries). Names qkv/proj as in transformer.py."""
-
-    def __init__(self, dim: int, num_heads: int, attn_backend: str = "sdpa") -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {num_heads}")
-        get_attention_backend(attn_backend)
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attn_backend = attn_backend
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        out = attention(q, k, v, backend=self.attn_backend, causal=True)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-
 class GPTBlock(nn.Module):
     """Pre-LayerNorm GPT-2 block: x + attn(ln(x)), then x + mlp(ln(x)). The unit the engine wraps."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, num_heads, attn_backend)
+        self.attn = Attention(dim, num_heads, attn_backend=attn_backend, causal=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

@@ -16,9 +16,12 @@ from kernels.attention import attention, get_attention_backend
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; the kernel is picked by name so configs can swap it after construction."""
+    """Multi-head self-attention; the kernel is picked by name so configs can swap it after construction.
+    `causal`: position i attends to positions <= i (an autoregressive model's)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_backend: str = "sdpa") -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_backend: str = "sdpa", causal: bool = False
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -26,14 +29,19 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_backend = attn_backend
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        """`cache`: a causal model's KV cache (pretrain/models/gpt.py: KVCache); the new positions attend over
+        everything it holds, the kernel aligning the causal mask to the last queries."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = attention(q, k, v, backend=self.attn_backend)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out = attention(q, k, v, backend=self.attn_backend, causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
     def attention_weights(self, x: Tensor) -> Tensor:
