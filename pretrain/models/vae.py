@@ -243,6 +243,26 @@ class AutoencoderKL(nn.Module):
         return self.decode(posterior.sample(generator)), posterior
 
 
+def vae_arch(
+    in_channels: int = 3,
+    latent_channels: int = 4,
+    downsample: int = 8,
+    base_channels: int = 128,
+    layers_per_block: int = 2,
+    norm_groups: int = 32,
+    block_out_channels: Sequence[int] | None = None,
+) -> VAEArch:
+    """The conv layout the KL and VQ autoencoders share; level widths `block_out_channels`, else `level_channels`."""
+    return VAEArch(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        latent_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels or level_channels(base_channels, downsample)),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups,
+    )
+
+
 def build_vae(
     in_channels: int = 3,
     latent_channels: int = 4,
@@ -252,14 +272,8 @@ def build_vae(
     norm_groups: int = 32,
     block_out_channels: Sequence[int] | None = None,
 ) -> AutoencoderKL:
-    channels = tuple(block_out_channels or level_channels(base_channels, downsample))
     return AutoencoderKL(
-        VAEArch(
-            in_channels=in_channels,
-            out_channels=in_channels,
-            latent_channels=latent_channels,
-            block_out_channels=channels,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_groups,
+        vae_arch(
+            in_channels, latent_channels, downsample, base_channels, layers_per_block, norm_groups, block_out_channels
         )
     )

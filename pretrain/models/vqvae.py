@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pretrain.models.vae import Decoder, Encoder, VAEArch, level_channels
+from pretrain.models.vae import Decoder, Encoder, VAEArch, vae_arch
 from pretrain.models.vq import Update, VectorQuantizer
 
 
@@ -94,13 +94,7 @@ def build_vq_autoencoder(
     **quantizer,
 ) -> VQAutoencoder:
     """f16 with VQGAN's z_channels (256) and the KL-VAE's level widths; `quantizer` goes to VectorQuantizer."""
-    channels = tuple(block_out_channels or level_channels(base_channels, downsample))
-    arch = VAEArch(
-        in_channels=in_channels,
-        out_channels=in_channels,
-        latent_channels=latent_channels,
-        block_out_channels=channels,
-        layers_per_block=layers_per_block,
-        norm_num_groups=norm_groups,
+    arch = vae_arch(
+        in_channels, latent_channels, downsample, base_channels, layers_per_block, norm_groups, block_out_channels
     )
     return VQAutoencoder(arch, num_codes, code_dim, **quantizer)
