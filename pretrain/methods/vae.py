@@ -78,6 +78,20 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def add_patch_gan(
+    loss: Tensor, discriminator: nn.Module, images: Tensor, recon: Tensor, generator_on: Tensor, gan_weight: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss + the discriminator's hinge loss + generator_on x gan_weight x the generator's adversarial term,
+    their metrics): the discriminator sees the reconstruction detached, the generator's term goes through a
+    detached copy of the discriminator's parameters, so one backward trains each player on its own term."""
+    real, fake = discriminator(images), discriminator(recon.detach())
+    disc = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+    frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
+    generator_adv = -functional_call(discriminator, frozen, (recon,)).mean()
+    loss = loss + disc + generator_on * gan_weight * generator_adv
+    return loss, {"disc_loss": disc.detach(), "gen_adv": generator_adv.detach()}
+
+
 def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
     diff = recon.float() - target.float()
     return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
@@ -130,13 +144,9 @@ class KLAutoencoderTraining(Method):
         loss = rec + self.kl_weight * kl
         out = {"rec_loss": rec.detach(), "kl": kl.detach()}
         if self.discriminator is not None:
-            real, fake = self.discriminator(x), self.discriminator(recon.detach())
-            disc = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-            generator_adv = -functional_call(self.discriminator, frozen, (recon,)).mean()
             on = (self.steps_done >= self.gan_start).float()
-            loss = loss + disc + on * self.gan_weight * generator_adv
-            out |= {"disc_loss": disc.detach(), "gen_adv": generator_adv.detach()}
+            loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight)
+            out |= gan_metrics
         return {"loss": loss, **out}
 
     @torch.no_grad()

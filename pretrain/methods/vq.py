@@ -18,16 +18,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from data_pipeline.reader import derive_seed
 from pretrain.config import Config, ConfigError, bounded
 from pretrain.diffusion.transforms import pixel_transform, to_unit
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
-from pretrain.methods.vae import PatchDiscriminator, reconstruction_loss
+from pretrain.methods.vae import PatchDiscriminator, add_patch_gan, reconstruction_loss
 from pretrain.models.vqvae import VQAutoencoder, build_vq_autoencoder
 from pretrain.visualize import image_grid
 
@@ -136,13 +134,9 @@ class VQTokenizerTraining(Method):
             "codes_restarted": torch.tensor(float(out["restarted"]), device=x.device),
         }
         if self.discriminator is not None:
-            real, fake = self.discriminator(x), self.discriminator(recon.detach())
-            disc = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-            generator_adv = -functional_call(self.discriminator, frozen, (recon,)).mean()
             on = (self.steps_done >= self.gan_start).float()
-            loss = loss + disc + on * self.gan_weight * generator_adv
-            metrics |= {"disc_loss": disc.detach(), "gen_adv": generator_adv.detach()}
+            loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight)
+            metrics |= gan_metrics
         return {"loss": loss, **metrics}
 
     @torch.no_grad()
