@@ -21,25 +21,32 @@ def to_unit(x: Tensor) -> Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def pixel_transform(
-    size: int, channels: int, scale: tuple[float, float] = (1.0, 1.0), hflip: float = 0.0, train: bool = True
-) -> Callable[[Image.Image, torch.Generator], Tensor]:
-    """PIL image -> [channels, size, size] in [-1, 1]; one channel is the mean of R, G, B.
-
-    Training crops with `scale` (1, 1 keeps the whole image) and flips with probability `hflip`;
-    evaluation (train=False) resizes the whole image.
-    """
+def crop_and_flip(
+    size: int, scale: tuple[float, float] = (1.0, 1.0), hflip: float = 0.0, train: bool = True
+) -> Callable[[Image.Image, torch.Generator], Image.Image]:
+    """PIL image -> PIL image of `size`: training crops with `scale` (1, 1 keeps the whole image) and flips with
+    probability `hflip`; evaluation (train=False) resizes the whole image. Generative methods' geometry."""
     crop = RandomResizedCrop(size, scale) if train and scale != (1.0, 1.0) else CenterCropResize(size, 1.0)
     flip = RandomHorizontalFlip(hflip) if train and hflip > 0 else None
-    to_tensor = ToTensor()
 
-    def transform(image: Image.Image, gen: torch.Generator) -> Tensor:
+    def transform(image: Image.Image, gen: torch.Generator) -> Image.Image:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected an image record, got {type(image).__name__}: are these latent shards?")
         image = crop(image, gen)
-        if flip is not None:
-            image = flip(image, gen)
-        x = to_tensor(image, gen)
+        return flip(image, gen) if flip is not None else image
+
+    return transform
+
+
+def pixel_transform(
+    size: int, channels: int, scale: tuple[float, float] = (1.0, 1.0), hflip: float = 0.0, train: bool = True
+) -> Callable[[Image.Image, torch.Generator], Tensor]:
+    """PIL image -> [channels, size, size] in [-1, 1] (`crop_and_flip`); one channel is the mean of R, G, B."""
+    geometry = crop_and_flip(size, scale, hflip, train)
+    to_tensor = ToTensor()
+
+    def transform(image: Image.Image, gen: torch.Generator) -> Tensor:
+        x = to_tensor(geometry(image, gen), gen)
         if channels == 1:
             x = x.mean(dim=0, keepdim=True)
         return to_signed(x)

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from data_pipeline.augment import CenterCropResize, RandomHorizontalFlip, RandomResizedCrop
 from pretrain.config import Config, ConfigError, bounded
+from pretrain.diffusion.transforms import crop_and_flip
 from pretrain.flops import FlopCount
 from pretrain.methods.base import Method
 from pretrain.methods.finetune import data_classes
@@ -53,19 +53,13 @@ class PixelCNNConfig:
 def pixel_transform(
     size: int, channels: int, scale: tuple[float, float] = (1.0, 1.0), hflip: float = 0.0, train: bool = True
 ) -> Callable[[Image.Image, torch.Generator], Tensor]:
-    """PIL image -> uint8 [channels, size, size]: cropped with `scale` (1, 1 keeps the whole image) and flipped
-    with probability `hflip` in training; evaluation resizes the whole image."""
-    crop = RandomResizedCrop(size, scale) if train and scale != (1.0, 1.0) else CenterCropResize(size, 1.0)
-    flip = RandomHorizontalFlip(hflip) if train and hflip > 0 else None
+    """PIL image -> uint8 [channels, size, size], cropped and flipped as the other generative methods' images
+    (`crop_and_flip`), its values kept."""
+    geometry = crop_and_flip(size, scale, hflip, train)
     mode = "L" if channels == 1 else "RGB"
 
     def transform(image: Image.Image, gen: torch.Generator) -> Tensor:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected an image record, got {type(image).__name__}: are these latent shards?")
-        image = crop(image, gen)
-        if flip is not None:
-            image = flip(image, gen)
-        pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+        pixels = np.asarray(geometry(image, gen).convert(mode), dtype=np.uint8)
         return torch.from_numpy(pixels.copy()).reshape(size, size, channels).permute(2, 0, 1).contiguous()
 
     return transform
