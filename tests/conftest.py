@@ -20,6 +20,18 @@ from data_pipeline.sources import DIGITS_CLASSES, digits_samples
 from mlflow_server import free_port, mlflow_server
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): with the 2 cores
+    shared, a second intra-op thread only adds waiting. Restored after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     started = time.monotonic()

@@ -267,7 +267,8 @@ def main() -> None:
 
 if __name__ != "__main__":
     pytest.importorskip("deepspeed", reason="engine.kind=deepspeed needs DeepSpeed; .ci/setup installs it")
-    pytestmark = pytest.mark.slow
+    # one_thread: tests/conftest.py
+    pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def launch(args: list[str], nproc: int | None = None, timeout: float = 300, script: bool = True) -> None:
@@ -302,15 +303,6 @@ def converted(trained: Path) -> Path:
 
 def load(path: Path) -> dict:
     return torch.load(path, weights_only=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: with the 2 cores shared, a second intra-op thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:

@@ -21,15 +21,7 @@ from pretrain.models.gpt import (
     top_p_filter,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with the 2 cores shared, a second intra-op thread only adds waiting. Restored after each
-    test, so the rest of the session keeps its threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 VOCAB, SEQ, CLASSES, DIM, DEPTH, HEADS = 32, 16, 10, 32, 2, 2

@@ -23,13 +23,7 @@ from pretrain.models.pixelcnn import MaskedConv2d, PixelCNN
 C, H, W = 3, 8, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: with the 2 cores shared, a second intra-op thread only adds waiting (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(likelihood="categorical", num_classes=0, layers=3, kernel_size=3, first_kernel_size=5, hidden=24):

@@ -13,15 +13,7 @@ import torch.nn.functional as F
 from pretrain.models.vq import VectorQuantizer, nearest_codes
 from pretrain.models.vqvae import build_vq_autoencoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with the 2 cores shared, a second intra-op thread only adds waiting. Restored after each
-    test, so the rest of the session keeps its threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def flat_rows(z: torch.Tensor) -> torch.Tensor:
