@@ -181,7 +181,7 @@ class Trainer:
         self.teacher: PretrainedTeacher | None = None
         if (source := teacher_checkpoint(cfg)) and self.resumed_from is None and self._load_teacher:
             self.teacher = check_teacher_checkpoint(source, cfg)
-            self._tags = {**pretraining_run(source).tags("teacher"), **self._tags}
+            self._tags = {**pretraining_run(self.teacher.path).tags("teacher"), **self._tags}
         # Data first: a missing or empty shard spec fails before a model exists.
         self.loader = loader if loader is not None else build_train_loader(cfg, self.world)
         self.device_transform = build_device_transform(cfg)
