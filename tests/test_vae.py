@@ -1,5 +1,5 @@
 """KL autoencoder: shapes for f8c4 / f8c16 / f4, diffusers AutoencoderKL weights load by name, and the
-GAN's one-optimizer split of gradients."""
+GAN's one-optimizer split of gradients, the optional LPIPS term."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from pretrain.methods.vae import KLAutoencoderTraining, load_vae
 from pretrain.models.vae import build_vae, level_channels
 from pretrain.models.vae_loading import load_diffusers_vae
+
+from tiny import lpips_files
 
 
 @pytest.mark.parametrize("downsample,latent_channels", [(8, 4), (8, 16), (4, 4)])
@@ -152,6 +154,24 @@ def test_gan_terms_train_only_their_own_network():
     assert torch.allclose(with_gan["discriminator.net.0.weight"], method.discriminator.net[0].weight.grad)
 
 
+def test_the_perceptual_term_is_lpips_of_the_reconstruction(tmp_path):
+    from pretrain.models.lpips import load_lpips
+
+    vgg, lin = lpips_files(tmp_path)
+    torch.manual_seed(0)
+    vae = build_vae(3, 4, 2, base_channels=8, layers_per_block=1, norm_groups=4)
+    method = KLAutoencoderTraining(vae, kl_weight=1e-3, perceptual=(0.25, str(vgg), str(lin)))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    out = method({"image": x})
+    torch.manual_seed(1)  # the same posterior sample
+    recon = method.vae(x)[0]
+    expected = load_lpips(vgg, lin)(recon, x).mean()
+    assert float(expected) > 0
+    torch.testing.assert_close(out["perceptual_loss"], expected)
+    torch.testing.assert_close(out["loss"], out["rec_loss"] + 1e-3 * out["kl"] + 0.25 * expected)
+
+
 @pytest.mark.parametrize(
     "override,key",
     [
@@ -159,6 +179,7 @@ def test_gan_terms_train_only_their_own_network():
         ("method.vae.recon_loss=l3", "method.vae.recon_loss"),
         ("data.image_size=20", "data.image_size: 20 is not a multiple of method.vae.downsample 8"),
         ("method.vae.base_channels=100", "method.vae.base_channels"),
+        ("method.vae.perceptual_weight=-1", "method.vae.perceptual_weight"),
     ],
 )
 def test_bad_vae_settings_name_the_key(override, key):

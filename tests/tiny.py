@@ -47,3 +47,21 @@ def assert_equal_states(a, b, where: str = "") -> None:
             assert_equal_states(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"value differs at {where}: {a!r} != {b!r}"
+
+
+def lpips_files(directory: Path) -> tuple[Path, Path]:
+    """A random LPIPS saved as its two local weight files (torchvision's VGG16 layout, lpips' v0.1 layout), with
+    positive linear weights as the released ones are."""
+    from pretrain.models.lpips import LPIPS
+
+    generator = torch.Generator().manual_seed(0)
+    network = LPIPS()
+    with torch.no_grad():
+        for tensor in network.parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+        for lin in network.lins:
+            lin.weight.copy_(torch.rand(lin.weight.shape, generator=generator) + 0.01)
+    vgg, lin = directory / "vgg16.pth", directory / "vgg.pth"
+    torch.save({f"features.{k}": v for k, v in network.net.features.state_dict().items()}, vgg)
+    torch.save({f"lin{i}.model.1.weight": layer.weight for i, layer in enumerate(network.lins)}, lin)
+    return vgg, lin

@@ -28,6 +28,7 @@ from pretrain.config import Config, ConfigError, bounded, build_section
 from pretrain.diffusion.transforms import pixel_transform, to_unit
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
+from pretrain.models.lpips import LPIPS, load_lpips
 from pretrain.models.vae import AutoencoderKL, build_vae
 from pretrain.models.vae_loading import is_diffusers_vae, load_diffusers_vae
 from pretrain.visualize import image_grid
@@ -53,6 +54,11 @@ class VAEConfig:
     gan_start: int = bounded(0, ge=0)
     disc_channels: int = 64
     disc_layers: int = 3
+    # > 0: add this x LPIPS (pretrain/models/lpips.py) to the loss, as LDM's LPIPSWithDiscriminator does (1.0);
+    # its weights come from the two local files (the module's docstring says where to get them).
+    perceptual_weight: float = bounded(0.0, ge=0)
+    lpips_vgg: str = ""
+    lpips_lin: str = ""
     # A diffusers AutoencoderKL directory (config.json + safetensors) to start from.
     pretrained: str = ""
 
@@ -92,6 +98,37 @@ def add_patch_gan(
     return loss, {"disc_loss": disc.detach(), "gen_adv": generator_adv.detach()}
 
 
+class PerceptualLoss:
+    """Mean LPIPS of reconstructions against their images. The network is loaded from its local files on first
+    use and kept outside the method's module tree: frozen, so it is never trained, checkpointed or sharded,
+    and each rank holds its own copy on the images' device."""
+
+    def __init__(self, vgg_path: str, lin_path: str) -> None:
+        self.vgg_path, self.lin_path = vgg_path, lin_path
+        self.network: LPIPS | None = None
+
+    def __call__(self, recon: Tensor, target: Tensor) -> Tensor:
+        if self.network is None:
+            self.network = load_lpips(self.vgg_path, self.lin_path)
+        self.network.to(recon.device)
+        return self.network(recon, target).mean()
+
+
+def check_perceptual(section, key: str) -> None:
+    """A perceptual weight names both weight files and they exist: checked before any work, naming the key."""
+    if section.perceptual_weight <= 0:
+        return
+    for name in ("lpips_vgg", "lpips_lin"):
+        path = getattr(section, name)
+        if not path:
+            raise ConfigError(
+                f"{key}.{name}: {key}.perceptual_weight > 0 needs the local LPIPS weight files "
+                "(pretrain/models/lpips.py says where to get them)"
+            )
+        if not Path(path).is_file():
+            raise ConfigError(f"{key}.{name}: no file {path}")
+
+
 def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
     diff = recon.float() - target.float()
     return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
@@ -108,9 +145,12 @@ class KLAutoencoderTraining(Method):
         disc_channels: int = 64,
         disc_layers: int = 3,
         num_visuals: int = 8,
+        perceptual: tuple[float, str, str] = (0.0, "", ""),
     ) -> None:
         super().__init__()
         self.vae = vae
+        self.perceptual_weight = perceptual[0]
+        self.__dict__["perceptual"] = PerceptualLoss(*perceptual[1:]) if perceptual[0] > 0 else None
         self.recon_loss, self.kl_weight = recon_loss, kl_weight
         self.gan_weight, self.gan_start = gan_weight, gan_start
         self.discriminator = (
@@ -143,6 +183,10 @@ class KLAutoencoderTraining(Method):
         kl = posterior.kl().mean()
         loss = rec + self.kl_weight * kl
         out = {"rec_loss": rec.detach(), "kl": kl.detach()}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(recon, x)
+            loss = loss + self.perceptual_weight * perceptual
+            out["perceptual_loss"] = perceptual.detach()
         if self.discriminator is not None:
             on = (self.steps_done >= self.gan_start).float()
             loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight)
@@ -184,7 +228,14 @@ def build_from_section(v: VAEConfig) -> KLAutoencoderTraining:
             v.in_channels, v.latent_channels, v.downsample, v.base_channels, v.layers_per_block, v.norm_groups
         )
     return KLAutoencoderTraining(
-        vae, v.recon_loss, v.kl_weight, v.gan_weight, v.gan_start, v.disc_channels, v.disc_layers
+        vae,
+        v.recon_loss,
+        v.kl_weight,
+        v.gan_weight,
+        v.gan_start,
+        v.disc_channels,
+        v.disc_layers,
+        perceptual=(v.perceptual_weight, v.lpips_vgg, v.lpips_lin),
     )
 
 
@@ -211,4 +262,8 @@ def load_vae(path: str | Path) -> AutoencoderKL:
     return method.vae.eval()
 
 
-SPEC = MethodSpec("vae", VAEConfig, build, train_transform, validate=validate)
+def preflight(cfg: Config) -> None:
+    check_perceptual(cfg.method.vae, "method.vae")
+
+
+SPEC = MethodSpec("vae", VAEConfig, build, train_transform, validate=validate, preflight=preflight)
