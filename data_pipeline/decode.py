@@ -1,4 +1,5 @@
-"""Decode a raw WebDataset record (member bytes by extension) into an RGB image (or a latent array) and a label."""
+"""Decode a raw WebDataset record (member bytes by extension) into an RGB image (or a latent or token array) and
+a label."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ except ImportError:  # pragma: no cover - a dependency, but the code does not re
     simplejpeg = None
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
-LATENT_EXTENSION = "npy"  # latent shards (`pretrain data latents`): a float array per sample
+# Latent shards (`pretrain data latents`: a float array per sample) and token shards (`pretrain data tokens`:
+# an integer array per sample).
+LATENT_EXTENSION = "npy"
 
 
 class DecodeError(ValueError):
@@ -114,13 +117,16 @@ def decode_label(data: bytes, key: str) -> int:
 
 
 def decode_latent(data: bytes, key: str) -> torch.Tensor:
-    """A float tensor from `.npy` bytes (no pickled objects)."""
+    """A float (latents) or integer (tokens) tensor from `.npy` bytes (no pickled objects); the method's
+    transform checks which it expects."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError, EOFError, OSError for bad bytes
         raise DecodeError(key, f"undecodable latent ({type(exc).__name__}: {exc})") from exc
-    if array.dtype.kind != "f":
-        raise DecodeError(key, f"latent dtype {array.dtype} is not floating point")
+    if array.dtype.kind not in "fiu":
+        raise DecodeError(key, f"array dtype {array.dtype} is neither floating point (latents) nor integer (tokens)")
+    if array.dtype.kind == "u":  # torch has no uint16/uint32 arithmetic: widen, the values fit
+        array = array.astype(np.int64)
     return torch.from_numpy(array.copy())
 
 

@@ -36,6 +36,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # Latent shards only (`pretrain data latents`): channels, size, scale_factor, vae, ... ; None for images.
     latent: dict[str, Any] | None = None
+    # Token shards only (`pretrain data tokens`): num_codes, size, tokenizer, ... ; None otherwise.
+    tokens: dict[str, Any] | None = None
     # `--max-side`: {"max_side": N, "resized": count}; None when images were stored as given.
     size_cap: dict[str, Any] | None = None
 
@@ -68,6 +70,7 @@ class Manifest:
                 created=raw["created"],
                 format_version=version,
                 latent=raw.get("latent"),
+                tokens=raw.get("tokens"),
                 size_cap=raw.get("size_cap"),
             )
         except (KeyError, TypeError) as exc:
@@ -96,6 +99,8 @@ class Manifest:
         }
         if self.latent is not None:
             out["latent"] = self.latent
+        if self.tokens is not None:
+            out["tokens"] = self.tokens
         if self.size_cap is not None:
             out["size_cap"] = self.size_cap
         return out

@@ -300,7 +300,12 @@ class ShardStream(IterableDataset):
         image, label = decode_record(record, encoded=getattr(self.transform, "accepts_encoded", False))
         key = record["__key__"]
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, key))
-        return key, self.transform(image, gen), label
+        try:
+            return key, self.transform(image, gen), label
+        except DecodeError as exc:  # a transform's check of the decoded values names no key: this is the record's
+            if exc.key:
+                raise
+            raise DecodeError(key, exc.reason) from exc
 
     def _warn_once(self, what: str, message: str, *args: Any) -> None:
         if what not in self._reported:

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.latent_shards import register as register_latents
     from pretrain.plan.cli import register as register_plan
     from pretrain.sample import register as register_sample
+    from pretrain.token_shards import register as register_tokens
     from pretrain.tracking.sync import register as register_tracking
 
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__)
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     register_data(data_commands)
     register_latents(data_commands)
+    register_tokens(data_commands)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)

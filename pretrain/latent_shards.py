@@ -12,6 +12,7 @@ import argparse
 import io
 import math
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +31,53 @@ def encode_npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def encode_splits(
+    source: Manifest,
+    out_dir: str | Path,
+    splits: list[str],
+    transform: Callable,
+    encode: Callable[[str, torch.Tensor], np.ndarray],
+    *,
+    batch_size: int,
+    shard_size: int,
+    overwrite: bool,
+) -> dict[str, list]:
+    """Every image of `splits` (in that order) through `transform` and then `encode(split, images)`, one array
+    per image, into `{key}.npy` + `{key}.cls` record shards in `out_dir`; returns each split's shards. An error
+    aborts every split's writer, so no half-written shard is left to be read."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_previous_shards(out, overwrite)
+    writers: dict[str, SplitWriter] = {}
+    try:
+        for split in splits:
+            writers[split] = writer = SplitWriter(out, split, shard_size)
+            loader = ResumableLoader(
+                source.shard_paths(split), batch_size=batch_size, transform=transform, shuffle_buffer=0, infinite=False
+            )
+            for batch in loader:
+                arrays = encode(split, batch["image"])
+                for key, label, array in zip(batch["key"], batch["label"].tolist(), arrays):
+                    writer.write({"__key__": key, "npy": encode_npy(array), "cls": str(label).encode()})
+            writer.finish()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return {split: writer.shards for split, writer in writers.items()}
+
+
+def add_encode_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """The options `data latents` and `data tokens` share; `what` names a record in the help."""
+    p.add_argument("--shards", required=True, help="image shard directory (or its manifest.json)")
+    p.add_argument("--out", required=True, help=f"output directory for the {what} shards and manifest.json")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (default: the manifest's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=1000, help=f"{what}s per shard (default 1000)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
 
 
 @torch.no_grad()
@@ -53,45 +101,33 @@ def write_latent_shards(
         raise ValueError(f"{shards}: images keep their original sizes; pass image_size")
     if size % vae.downsample:
         raise ValueError(f"image size {size} is not a multiple of the VAE's downsampling factor {vae.downsample}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_previous_shards(out, overwrite)
     vae = vae.eval().to(device)
     transform = pixel_transform(size, vae.arch.in_channels, train=False)
     generator = torch.Generator(device=device).manual_seed(seed)
-    writers: dict[str, SplitWriter] = {}
     moments = {"count": 0, "sum": 0.0, "sum_sq": 0.0}
     splits = sorted(source.splits, key=lambda s: s != "train")  # train first: it defines the scale
-    try:
-        for split in splits:
-            writers[split] = writer = SplitWriter(out, split, shard_size)
-            loader = ResumableLoader(
-                source.shard_paths(split), batch_size=batch_size, transform=transform, shuffle_buffer=0, infinite=False
-            )
-            for batch in loader:
-                posterior = vae.encode(batch["image"].to(device))
-                if split == splits[0]:
-                    z = posterior.sample(generator).double()
-                    moments["count"] += z.numel()
-                    moments["sum"] += z.sum().item()
-                    moments["sum_sq"] += z.pow(2).sum().item()
-                stacked = torch.stack([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
-                for key, label, array in zip(batch["key"], batch["label"].tolist(), stacked):
-                    writer.write({"__key__": key, "npy": encode_npy(array), "cls": str(label).encode()})
-            writer.finish()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
+
+    def encode(split: str, images: torch.Tensor) -> np.ndarray:
+        posterior = vae.encode(images.to(device))
+        if split == splits[0]:
+            z = posterior.sample(generator).double()
+            moments["count"] += z.numel()
+            moments["sum"] += z.sum().item()
+            moments["sum_sq"] += z.pow(2).sum().item()
+        return torch.stack([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
+
+    written = encode_splits(
+        source, out_dir, splits, transform, encode, batch_size=batch_size, shard_size=shard_size, overwrite=overwrite
+    )
     mean = moments["sum"] / moments["count"]
     std = math.sqrt(max(moments["sum_sq"] / moments["count"] - mean**2, 1e-12))
     latent_side = size // vae.downsample
     manifest = Manifest(
-        root=out,
+        root=Path(out_dir),
         source=f"latents of {source.root} ({source.source}) by the VAE {vae_name}",
         classes=source.classes,
         image_size=size,
-        splits={split: writer.shards for split, writer in writers.items()},
+        splits=written,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         latent={
             "vae": vae_name,
@@ -138,11 +174,5 @@ def run_latents(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("latents", help="encode image shards into VAE latent shards (for DiT training)")
     p.add_argument("--vae", required=True, help="a vae run/checkpoint, or a diffusers AutoencoderKL directory")
-    p.add_argument("--shards", required=True, help="image shard directory (or its manifest.json)")
-    p.add_argument("--out", required=True, help="output directory for the latent shards and manifest.json")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (default: the manifest's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=1000, help="latents per shard (default 1000)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
+    add_encode_arguments(p, "latent")
     p.set_defaults(func=run_latents)

@@ -17,7 +17,7 @@ from pretrain.methods.vae import reconstruction_loss
 from pretrain.recipes import load_config
 from pretrain.train import Trainer
 
-from tiny import assert_equal_states, tiny_overrides
+from tiny import assert_equal_states, lpips_files, tiny_overrides
 
 VQ_TINY = [
     "method.name=vq",
@@ -101,3 +101,28 @@ def test_two_ranks_match_one_process(engine_runs, case) -> None:
     """The codebook's moving averages and the dead-code restarts reduce over both ranks."""
     state = check_case(engine_runs, case)
     assert any(name.endswith("quantizer.embedding") for name in state)
+
+
+def test_the_perceptual_term_is_lpips_from_local_files(tmp_path):
+    from pretrain.methods.vq import preflight
+    from pretrain.models.lpips import load_lpips
+
+    vgg, lin = lpips_files(tmp_path)
+    overrides = ["method.vq.codebook_update=straight_through", "method.vq.dead_code_threshold=0"]
+    perceptual = ["method.vq.perceptual_weight=0.5", f'method.vq.lpips_vgg="{vgg}"', f'method.vq.lpips_lin="{lin}"']
+    cfg = load_config(None, ["data.image_size=16", *VQ_TINY, *overrides, *perceptual])
+    preflight(cfg)
+    torch.manual_seed(0)
+    method = build_method(cfg).train()
+    assert not any("lpips" in name or "perceptual" in name for name in method.state_dict())  # not checkpointed
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = method({"image": x})
+    recon = method.autoencoder(x)["reconstruction"]  # no codebook update or restart: the same reconstruction
+    expected = load_lpips(vgg, lin)(recon, x).mean()
+    torch.testing.assert_close(out["perceptual_loss"], expected)
+    torch.testing.assert_close(out["loss"], out["rec_loss"] + out["vq_loss"] + 0.5 * expected)
+
+    with pytest.raises(ConfigError, match=r"method\.vq\.lpips_lin: no file"):
+        preflight(load_config(None, ["data.image_size=16", *VQ_TINY, *perceptual[:2], 'method.vq.lpips_lin="nosuch"']))
+    with pytest.raises(ConfigError, match=r"method\.vq\.lpips_vgg: method\.vq\.perceptual_weight > 0 needs"):
+        preflight(load_config(None, ["data.image_size=16", *VQ_TINY, "method.vq.perceptual_weight=1.0"]))

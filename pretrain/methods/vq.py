@@ -9,23 +9,33 @@ discriminator's hinge loss on detached reconstructions, the generator's term thr
 discriminator, on from `gan_start`). Dead codes are restarted onto this step's encoder outputs, drawn from
 (run seed, step, micro-batch), so every rank draws the same ones and a resumed run draws them again.
 
-Not here: the perceptual (LPIPS) loss of VQGAN, whose network weights would have to come from a local file.
+With `perceptual_weight` > 0 VQGAN's LPIPS term is added (pretrain/models/lpips.py, weights from local files).
+VQGAN's adversarial weight is adaptive (the ratio of the reconstruction's and the GAN term's gradient norms at the
+decoder's last layer); here it is the constant `gan_weight`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from data_pipeline.reader import derive_seed
-from pretrain.config import Config, ConfigError, bounded
+from pretrain.checkpoint import dcp_load, find_checkpoint, read_meta
+from pretrain.config import Config, ConfigError, bounded, build_section
 from pretrain.diffusion.transforms import pixel_transform, to_unit
 from pretrain.methods.base import Method
 from pretrain.methods.spec import MethodSpec
-from pretrain.methods.vae import PatchDiscriminator, add_patch_gan, reconstruction_loss
+from pretrain.methods.vae import (
+    PatchDiscriminator,
+    PerceptualLoss,
+    add_patch_gan,
+    check_perceptual,
+    reconstruction_loss,
+)
 from pretrain.models.vqvae import VQAutoencoder, build_vq_autoencoder
 from pretrain.visualize import image_grid
 
@@ -62,6 +72,11 @@ class VQConfig:
     gan_start: int = bounded(0, ge=0)
     disc_channels: int = bounded(64, gt=0)
     disc_layers: int = bounded(3, gt=0)
+    # > 0: add this x LPIPS (pretrain/models/lpips.py) to the loss, VQGAN's perceptual term (1.0 there); its
+    # weights come from the two local files (the module's docstring says where to get them).
+    perceptual_weight: float = bounded(0.0, ge=0)
+    lpips_vgg: str = ""
+    lpips_lin: str = ""
 
 
 class VQTokenizerTraining(Method):
@@ -76,9 +91,12 @@ class VQTokenizerTraining(Method):
         disc_channels: int = 64,
         disc_layers: int = 3,
         seed: int = 0,
+        perceptual: tuple[float, str, str] = (0.0, "", ""),
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder
+        self.perceptual_weight = perceptual[0]
+        self.__dict__["perceptual"] = PerceptualLoss(*perceptual[1:]) if perceptual[0] > 0 else None
         self.recon_loss, self.gan_weight, self.gan_start = recon_loss, gan_weight, gan_start
         self.discriminator = (
             PatchDiscriminator(autoencoder.arch.out_channels, disc_channels, disc_layers) if gan_weight > 0 else None
@@ -133,6 +151,10 @@ class VQTokenizerTraining(Method):
             "codebook_perplexity": out["perplexity"].detach(),
             "codes_restarted": torch.tensor(float(out["restarted"]), device=x.device),
         }
+        if self.perceptual is not None:
+            perceptual = self.perceptual(recon, x)
+            loss = loss + self.perceptual_weight * perceptual
+            metrics["perceptual_loss"] = perceptual.detach()
         if self.discriminator is not None:
             on = (self.steps_done >= self.gan_start).float()
             loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight)
@@ -182,9 +204,8 @@ def validate(cfg: Config) -> None:
         )
 
 
-def build(cfg: Config) -> VQTokenizerTraining:
-    vq = cfg.method.vq
-    autoencoder = build_vq_autoencoder(
+def build_autoencoder(vq: VQConfig) -> VQAutoencoder:
+    return build_vq_autoencoder(
         vq.num_codes,
         vq.code_dim,
         in_channels=vq.in_channels,
@@ -200,13 +221,47 @@ def build(cfg: Config) -> VQTokenizerTraining:
         dead_code_threshold=vq.dead_code_threshold,
         l2_normalize=vq.l2_normalize,
     )
+
+
+def build(cfg: Config) -> VQTokenizerTraining:
+    vq = cfg.method.vq
     return VQTokenizerTraining(
-        autoencoder, vq.recon_loss, vq.gan_weight, vq.gan_start, vq.disc_channels, vq.disc_layers, cfg.run.seed
+        build_autoencoder(vq),
+        vq.recon_loss,
+        vq.gan_weight,
+        vq.gan_start,
+        vq.disc_channels,
+        vq.disc_layers,
+        cfg.run.seed,
+        perceptual=(vq.perceptual_weight, vq.lpips_vgg, vq.lpips_lin),
     )
+
+
+def tokenizer_settings(path: str | Path) -> VQConfig:
+    """The `method.vq` section a tokenizer checkpoint (or run directory) was trained with, from its meta.json."""
+    checkpoint = find_checkpoint(path)
+    method = read_meta(checkpoint)["config"].get("method", {})
+    if method.get("name") != "vq":
+        raise ValueError(f"{checkpoint}: method {method.get('name')!r} is not a VQ tokenizer (method.name = 'vq')")
+    return build_section(VQConfig, method.get("vq", {}), "method.vq.")
+
+
+def load_tokenizer(path: str | Path) -> VQAutoencoder:
+    """The trained autoencoder of a checkpoint (or run directory) of this `vq` method, in eval mode: what
+    `pretrain data tokens` encodes images with and the token transformer decodes its samples with. Only the
+    autoencoder's tensors are read (not the discriminator's)."""
+    autoencoder = build_autoencoder(tokenizer_settings(path))
+    state = {f"autoencoder.{name}": tensor for name, tensor in autoencoder.state_dict().items()}
+    dcp_load({"model": state}, find_checkpoint(path))  # fills the live tensors in place
+    return autoencoder.eval()
 
 
 def train_transform(cfg: Config):
     return pixel_transform(cfg.data.image_size, cfg.method.vq.in_channels, cfg.data.crop_scale, cfg.data.hflip)
 
 
-SPEC = MethodSpec("vq", VQConfig, build, train_transform, validate=validate)
+def preflight(cfg: Config) -> None:
+    check_perceptual(cfg.method.vq, "method.vq")
+
+
+SPEC = MethodSpec("vq", VQConfig, build, train_transform, validate=validate, preflight=preflight)
