@@ -68,7 +68,11 @@ class SyntheticLoader:
 
 
 def _synthetic_record(cfg: Config, gen: torch.Generator) -> Any:
-    """What one training record decodes to: an RGB image, or for latent DiT the stored posterior (mean, std)."""
+    """What one training record decodes to: an RGB image, for latent DiT the stored posterior (mean, std), for the
+    token transformer a grid of codes."""
+    if cfg.method.name == "gpt":
+        side = cfg.method.gpt.token_grid
+        return torch.randint(0, cfg.method.gpt.vocab_size, (side, side), generator=gen, dtype=torch.int16)
     dit = cfg.method.dit
     if cfg.method.name == "dit" and dit.space == "latent":
         side = dit.input_size

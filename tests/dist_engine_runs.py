@@ -160,6 +160,26 @@ def vq_overrides(*extra: str) -> list[str]:
     ]
 
 
+def gpt_overrides(*extra: str) -> list[str]:
+    """A 2-block token transformer of width 32 over 4 x 4 grids of 32 codes, 5 classes. Label dropout is off: it
+    draws from the loop's seeding, which this harness does not run."""
+    return [
+        "method.name=gpt",
+        "data.image_size=16",
+        "method.gpt.size=small",
+        "method.gpt.hidden_dim=32",
+        "method.gpt.depth=2",
+        "method.gpt.num_heads=2",
+        "method.gpt.vocab_size=32",
+        "method.gpt.token_grid=4",
+        "method.gpt.num_classes=5",
+        "method.gpt.class_dropout=0",
+        "run.device=cpu",
+        "optim.lr_scaling=none",
+        *extra,
+    ]
+
+
 OVERRIDES = {
     "simclr": simclr_overrides,
     "moco_v2": moco_overrides,
@@ -168,6 +188,7 @@ OVERRIDES = {
     "dinov2_distill": dinov2_distill_overrides,
     "pixelcnn": pixelcnn_overrides,
     "vq": vq_overrides,
+    "gpt": gpt_overrides,
 }
 
 
@@ -187,12 +208,16 @@ def global_views(step: int, size: int = 16) -> list[torch.Tensor]:
 
 def batch_of(cfg, step: int, mine: slice, dtype: torch.dtype) -> dict:
     """This rank's slice of step's global batch: two views for the contrastive methods, one labelled image else
-    (integer pixels for the PixelCNN)."""
+    (integer pixels for the PixelCNN, token grids for the token transformer)."""
     views = global_views(step, cfg.data.image_size)
     if cfg.method.name == "pixelcnn":  # integer pixels and labels
         generator = torch.Generator().manual_seed(step)
         pixels = torch.randint(0, 256, (IMAGES, 3, cfg.data.image_size, cfg.data.image_size), generator=generator)
         return {"image": pixels[mine], "label": (torch.arange(IMAGES) % 5)[mine]}
+    if cfg.method.name == "gpt":  # token grids and labels
+        generator = torch.Generator().manual_seed(step)
+        tokens = torch.randint(0, cfg.method.gpt.vocab_size, (IMAGES, 4, 4), generator=generator)
+        return {"image": tokens[mine], "label": (torch.arange(IMAGES) % 5)[mine]}
     if cfg.method.name == "vq":  # one image
         return {"image": views[0][mine].to(dtype)}
     if cfg.method.name != "finetune":

@@ -44,6 +44,9 @@ CASES = {
     "pixelcnn-fsdp-adamw": ("pixelcnn,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
     "vq-ddp-adamw": ("vq,engine.kind=ddp,optim.base_lr=1e-3,optim.eps=1e-3", None),
     "vq-fsdp-adamw": ("vq,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
+    "gpt-ddp-adamw": ("gpt,engine.kind=ddp,optim.base_lr=1e-3,optim.eps=1e-3", None),
+    "gpt-fsdp-adamw": ("gpt,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
+    "gpt-zero3-adamw": (f"gpt,{ZERO3}", {"rtol": 1e-4, "atol": 2e-4}),
 }
 EXACT = {"rtol": 1e-4, "atol": 1e-5}
 

@@ -154,6 +154,37 @@ def test_one_bf16_step_per_method(tmp_path, digit_shards, method):
     assert len(result.losses) == 1 and torch.isfinite(torch.tensor(result.losses)).all()
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_token_transformer_bf16_step_and_cached_sampling(backend):
+    """The token transformer on the GPU: a bf16 step through causal attention (the compiled Triton kernel too),
+    and sampling with the KV cache drawing the tokens of full recomputation (fp32, TF32 off)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip(INTERPRETED)
+    from pretrain.methods.registry import build_method
+    from pretrain.recipes import load_config
+
+    overrides = ["method.gpt.hidden_dim=64", "method.gpt.depth=2", "method.gpt.num_heads=2"]
+    sizes = ["method.gpt.vocab_size=64", "method.gpt.token_grid=8", "method.gpt.num_classes=10"]
+    cfg = load_config(None, ["method.name=gpt", f"model.attn_backend={backend}", *overrides, *sizes])
+    torch.manual_seed(0)
+    method = build_method(cfg).cuda()
+    tokens, labels = torch.randint(0, 64, (4, 8, 8), device="cuda"), torch.arange(4, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        loss = method({"image": tokens, "label": labels})["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in method.parameters())
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        draws = [
+            method.generate(labels, torch.Generator(device="cuda").manual_seed(0), cfg_scale=2.0, use_cache=cache)
+            for cache in (True, False)
+        ]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert torch.equal(draws[0], draws[1])
+
+
 @pytest.fixture
 def world_of_one(monkeypatch):
     """RANK/WORLD_SIZE for one process, so the engines start NCCL at world size 1."""

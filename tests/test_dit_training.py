@@ -117,7 +117,8 @@ def test_interrupted_and_resumed_dit_run_is_bit_identical(tmp_path, digit_shards
 
 def test_sample_grid_and_training_visuals(tmp_path, digit_shards):
     result = Trainer(dit_config(tmp_path, digit_shards, "train.steps=2")).fit()
-    grid = sample_grid(result.checkpoint, label=3, num=4, steps=2, cfg_scale=2.0, sampler="heun")
+    grid, how = sample_grid(result.checkpoint, label=3, num=4, steps=2, cfg_scale=2.0, sampler="heun")
+    assert how == "heun, 2 steps, guidance scale s=2"
     assert grid.dtype == torch.uint8 and grid.shape == (2 + 2 * 18, 2 + 2 * 18, 3)
     png = tmp_path / "grid.png"
     args = ["sample", "--checkpoint", str(tmp_path / "tiny_dit"), "--class", "3", "--num", "9", "--steps", "2"]
@@ -195,7 +196,7 @@ def test_guidance_scale_is_the_papers(tmp_path, digit_shards):
 
 def test_cli_cfg_scale_one_equals_unguided_sampling(tmp_path, digit_shards):
     result = Trainer(dit_config(tmp_path, digit_shards, "train.steps=2")).fit()
-    grid = sample_grid(result.checkpoint, label=3, num=4, steps=2, cfg_scale=1.0)
+    grid, _ = sample_grid(result.checkpoint, label=3, num=4, steps=2, cfg_scale=1.0)
     from pretrain.ckpt.load import load_method
 
     _, method, _ = load_method(result.checkpoint)

@@ -14,6 +14,7 @@ from pretrain.methods import (
     dinov2,
     dit,
     finetune,
+    gpt,
     inpainting,
     jigsaw,
     mae,
@@ -49,6 +50,7 @@ METHODS: dict[str, MethodSpec] = {
         moco_queue.SPEC_V2,
         cpc.SPEC,
         pixelcnn.SPEC,
+        gpt.SPEC,
         finetune.SPEC,
     )
 }

@@ -23,6 +23,15 @@ from torch import Tensor, nn
 
 from pretrain.models.transformer import Attention, Mlp
 
+# GPT-2's sizes (Radford et al. 2019): width, depth, heads. "medium" (350M with a 50k vocabulary) is LlamaGen's
+# GPT-L (343M) in width and depth.
+GPT2_SIZES: dict[str, tuple[int, int, int]] = {
+    "small": (768, 12, 12),
+    "medium": (1024, 24, 16),
+    "large": (1280, 36, 20),
+    "xl": (1600, 48, 25),
+}
+
 # ------------------------------------------------------------------------------------- logit filters
 
 
