@@ -276,13 +276,16 @@ class CheckpointManager:
             }
             publish(tmp, final, full_meta)
             _write_atomic(self.root / LATEST_FILE, final.name + "\n")
-            self._prune()
+            self._prune(step)
             log.info("checkpoint step %d written to %s in %.2fs", step, final, time.perf_counter() - start)
         self._barrier()
         return final
 
-    def _prune(self) -> None:
-        complete = self.list()
+    def _prune(self, step: int) -> None:
+        """Keep the newest `keep_last` checkpoints up to `step`, the one just written. Later steps are an earlier
+        run's, which a fresh run (train.resume=none) in the same directory must not count: by step order they
+        would push out the checkpoint just written."""
+        complete = [path for path in self.list() if read_meta(path)["step"] <= step]
         for old in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -54,6 +54,17 @@ def test_keep_last_prunes_oldest(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "step_00000004"
 
 
+def test_a_fresh_run_never_prunes_what_it_just_wrote_over_an_earlier_runs_later_steps(tmp_path):
+    earlier = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20):
+        earlier.save(step, _writer(step), {}, {})
+    fresh = CheckpointManager(tmp_path, keep_last=2)  # the same run directory, train.resume=none
+    for step in (5, 7, 9):
+        written = fresh.save(step, _writer(step), {}, {})
+        assert is_complete(written) and fresh.latest() == written
+    assert [read_meta(p)["step"] for p in fresh.list()] == [7, 9, 10, 20]
+
+
 def test_latest_falls_back_when_marker_points_to_damaged(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=3)
     mgr.save(1, _writer(1), {}, {})
