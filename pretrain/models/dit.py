@@ -6,6 +6,10 @@ regressor starts at zero, so a fresh block is the identity and a fresh DiT outpu
 embedding table has one extra row, the "null" class, which training substitutes for the label with
 probability `class_dropout` so that one network also gives the unconditional prediction that
 classifier-free guidance needs.
+
+With `guidance_embed` the DiT also takes a per-sample guidance scale s (paper convention, s = 1: no
+guidance) whose embedding is added to the conditioning, as in guidance distillation (Meng et al., 2023)
+and FLUX-dev: one forward then stands in for the teacher's two guided ones.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         class_dropout: float = 0.1,
         attn_backend: str = "sdpa",
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -118,6 +123,9 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_dim)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_dim)  # last row: the null class
+        # Only created when on, so that checkpoints of guidance-free DiTs keep their exact keys.
+        self.guidance_embed = guidance_embed
+        self.g_embedder = TimestepEmbedder(hidden_dim) if guidance_embed else None
         self.register_buffer("pos_embed", torch.empty(1, self.grid_size**2, hidden_dim), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_dim, patch_size, in_channels)
@@ -129,7 +137,12 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """DiT's init: Xavier linears, N(0, 0.02) embeddings, and zero adaLN regressors and output layer."""
+        """DiT's init: Xavier linears, N(0, 0.02) embeddings, and zero adaLN regressors and output layer.
+
+        The guidance embedder's first layer is drawn like the timestep embedder's, but its output layer
+        starts at zero: a guidance student loaded from a teacher checkpoint (which has no g_embedder)
+        then starts as exactly the teacher's conditional model, for every s.
+        """
         self.pos_embed.copy_(sincos_pos_embed_2d(self.grid_size, self.grid_size, self.pos_embed.shape[-1])[None])
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -141,6 +154,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         for linear in self.t_embedder.mlp[0], self.t_embedder.mlp[2]:
             nn.init.normal_(linear.weight, std=0.02)
+        if self.g_embedder is not None:
+            nn.init.normal_(self.g_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.g_embedder.mlp[2].weight)  # biases: zeroed with every Linear above
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -169,11 +185,19 @@ class DiT(nn.Module):
         x = tokens.reshape(batch, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(batch, c, g * p, g * p)
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor, guidance: Tensor | float | None = None) -> Tensor:
+        """`guidance`: the scale s per sample ([B], or one number for all), required exactly when the DiT
+        was built with `guidance_embed`; s itself is embedded, with the timestep's sinusoid and its own MLP."""
+        if self.g_embedder is None and guidance is not None:
+            raise ValueError("this DiT has no guidance input (build it with guidance_embed=True)")
+        if self.g_embedder is not None and guidance is None:
+            raise ValueError("this DiT was built with guidance_embed=True: pass guidance, the scale s per sample")
         if self.training:
             labels = self.drop_labels(labels)
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(labels)
+        if self.g_embedder is not None:
+            c = c + self.g_embedder(torch.as_tensor(guidance, device=x.device).expand(x.shape[0]))
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
@@ -185,11 +209,19 @@ def build_dit(
     hidden_dim: int = 0,
     depth: int = 0,
     num_heads: int = 0,
+    guidance_embed: bool = False,
     **kwargs,
 ) -> DiT:
     """A DiT of a paper size ("S", "B", "L", "XL"); nonzero hidden_dim/depth/num_heads override it
-    (small models for CPU demos and tests). `kwargs` go to DiT."""
+    (small models for CPU demos and tests); `guidance_embed` adds the guidance-scale input (guidance
+    distillation's student). `kwargs` go to DiT."""
     if size not in DIT_SIZES:
         raise ValueError(f"unknown DiT size {size!r}; available: {', '.join(DIT_SIZES)}")
     dim0, depth0, heads0 = DIT_SIZES[size]
-    return DiT(hidden_dim=hidden_dim or dim0, depth=depth or depth0, num_heads=num_heads or heads0, **kwargs)
+    return DiT(
+        hidden_dim=hidden_dim or dim0,
+        depth=depth or depth0,
+        num_heads=num_heads or heads0,
+        guidance_embed=guidance_embed,
+        **kwargs,
+    )
