@@ -1,11 +1,12 @@
 """The token transformer on the loop: `pretrain data tokens` against the tokenizer applied directly, the loss
-against a direct cross-entropy, checks before any work, bad token records skipped, exact resume, `pretrain sample`
-with and without the KV cache, and two ranks (DDP, FSDP, ZeRO-3) equal to one process."""
+against a direct cross-entropy, checks before any work, bad token records skipped, exact resume, `pretrain eval nll`,
+`pretrain sample` with and without the KV cache, and two ranks (DDP, FSDP, ZeRO-3) equal to one process."""
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import tarfile
 
@@ -21,6 +22,7 @@ from data_pipeline.decode import DecodeError
 from data_pipeline.loader import ResumableLoader
 from data_pipeline.manifest import Manifest
 from data_pipeline.sources import digits_samples
+from pretrain.ckpt.load import load_method
 from pretrain.cli import main
 from pretrain.config import ConfigError
 from pretrain.diffusion.transforms import pixel_transform
@@ -199,6 +201,21 @@ def test_resume_is_bit_identical_and_the_checkpoint_samples(tmp_path, tokens, ca
         straight.engine.load_tensors(straight.model, straight.optimizer, checkpoint)
         states.append(copy.deepcopy(straight.model.state_dict()))
     assert_equal_states(states[0], states[1], "model")
+
+    # `pretrain eval nll`: bits per token over every test grid, against the model applied directly.
+    assert main(["eval", "nll", "--checkpoint", str(full.checkpoint), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    _, method, _ = load_method(full.checkpoint)
+    test = ResumableLoader(
+        Manifest.load(tokens[1]).shard_paths("test"), batch_size=500, transform=lambda g, _: g, infinite=False
+    )
+    (batch,) = list(test)
+    grids = batch["image"].long().flatten(1)
+    with torch.no_grad():
+        logits = method.model(grids, batch["label"])
+    direct = F.cross_entropy(logits.reshape(-1, 16).double(), grids.reshape(-1)) / math.log(2)
+    assert report["unit"] == "token" and report["images"] == 360 and report["tokens_per_image"] == 16
+    assert report["bits_per_token"] == pytest.approx(float(direct), rel=1e-6)
 
     # The picture the loop logs: one row of the first 10 classes, decoded by the tokenizer.
     pictures = straight.method.visuals({"image": torch.zeros(1, 4, 4, dtype=torch.long)})

@@ -216,6 +216,12 @@ class TokenGPT(nn.Module):
         logits = self.forward(tokens, labels)
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
 
+    def nll(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """-log p(tokens | label) per sequence [B], in nats: what a likelihood evaluation sums."""
+        logits = self.forward(tokens, labels)
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")
+        return per_token.view(tokens.shape).sum(dim=1)
+
     def new_cache(self) -> list[KVCache]:
         """Empty per-block caches for one generation; they take the batch size of the first step."""
         return [KVCache(self.seq_len) for _ in self.blocks]
