@@ -44,6 +44,8 @@ CASES = {
     "pixelcnn-fsdp-adamw": ("pixelcnn,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
     "vq-ddp-adamw": ("vq,engine.kind=ddp,optim.base_lr=1e-3,optim.eps=1e-3", None),
     "vq-fsdp-adamw": ("vq,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
+    "pixelcnn-zero3-adamw": (f"pixelcnn,{ZERO3}", {"rtol": 1e-4, "atol": 2e-4}),
+    "vq-zero3-adamw": (f"vq,{ZERO3}", {"rtol": 1e-4, "atol": 2e-4}),
     "gpt-ddp-adamw": ("gpt,engine.kind=ddp,optim.base_lr=1e-3,optim.eps=1e-3", None),
     "gpt-fsdp-adamw": ("gpt,engine.kind=fsdp,optim.base_lr=1e-3,optim.eps=1e-3", None),
     "gpt-zero3-adamw": (f"gpt,{ZERO3}", {"rtol": 1e-4, "atol": 2e-4}),
