@@ -229,6 +229,35 @@ class OptimConfig:
 
 
 @dataclass
+class PlayerSettings:
+    """One player's optimizer settings, for methods that train several networks each with its own optimizer
+    (a GAN's generator and discriminator). Unset values (0, (), -1) take [optim]'s; the optimizer algorithm
+    (optim.name), its eps and the schedule's shape are [optim]'s for every player."""
+
+    # Peak learning rate before optim.lr_scaling; 0: optim.base_lr.
+    base_lr: float = bounded(0.0, ge=0)
+    betas: tuple[float, ...] = ()
+    weight_decay: float = -1.0
+    warmup_steps: int = -1
+    min_lr: float = -1.0
+    grad_clip: float = -1.0
+    # The update ratio: this player steps on optimizer steps 1, 1 + every, 1 + 2 every, ...
+    every: int = bounded(1, ge=1)
+
+    def resolve(self, optim: OptimConfig) -> OptimConfig:
+        """[optim] with this player's settings in place of the unset ones."""
+        changes: dict[str, Any] = {}
+        if self.base_lr > 0:
+            changes["base_lr"] = self.base_lr
+        if self.betas:
+            changes["betas"] = tuple(self.betas)
+        for name in ("weight_decay", "warmup_steps", "min_lr", "grad_clip"):
+            if getattr(self, name) >= 0:
+                changes[name] = getattr(self, name)
+        return dataclasses.replace(optim, **changes)
+
+
+@dataclass
 class TrainConfig:
     steps: int = bounded(1000, ge=1)
     log_every: int = bounded(10, ge=1)

@@ -28,16 +28,18 @@ def param_groups(
     skip: set[str],
     decay_1d: bool = False,
     lr_scale: Callable[[str], float] | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> list[dict]:
     """Biases, norm weights (unless `decay_1d`: MoCo v1/v2's released code decays them) and the names in
     `skip` (tokens, embeddings) get no weight decay. `lr_scale(name)` multiplies a parameter's learning rate
     (layer-wise decay in fine-tuning): parameters are grouped by (decayed, scale), decayed groups first.
 
     Every group says whether it is `decayed` (what weight-decay schedules and resumes set) and its `lr_scale`
-    (what the learning-rate schedule multiplies); without `lr_scale` there are exactly two groups."""
+    (what the learning-rate schedule multiplies); without `lr_scale` there are exactly two groups. `only(name)`
+    selects the parameters (one player's)."""
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or (only is not None and not only(name)):
             continue
         decayed = not ((param.ndim <= 1 and not decay_1d) or name in skip)
         scale = float(lr_scale(name)) if lr_scale is not None else 1.0
@@ -50,18 +52,49 @@ def param_groups(
     ]
 
 
+# A player's name -> (its optimizer settings, its peak learning rate): see `Method.players`.
+PlayerOptims = dict[str, tuple[OptimConfig, float]]
+
+
+def player_of(name: str, players: dict[str, tuple[str, ...]]) -> str:
+    """The player whose modules hold parameter `name`; a trainable parameter of no player is an error."""
+    for player, modules in players.items():
+        if any(name == module or name.startswith(module + ".") for module in modules):
+            return player
+    raise ValueError(f"parameter {name!r} belongs to no player ({', '.join(players)}); every trained network needs one")
+
+
 def build_optimizer(
     model: nn.Module,
     cfg: OptimConfig,
     lr: float,
     skip: set[str],
     lr_scale: Callable[[str], float] | None = None,
+    players: dict[str, tuple[tuple[str, ...], OptimConfig, float]] | None = None,
 ) -> torch.optim.Optimizer:
     """optim.name over `param_groups`: decayed groups are (for LARS) trust-ratio adapted, the others (biases,
-    normalization weights, `skip`) neither decayed nor adapted."""
-    groups = param_groups(model, cfg.weight_decay, skip, cfg.decay_biases_and_norms, lr_scale)
-    for group in groups:
-        group["lr"] = lr * group["lr_scale"]
+    normalization weights, `skip`) neither decayed nor adapted.
+
+    With `players` (name -> (modules, settings, peak lr)) every group holds one player's parameters, marked
+    `player`, with that player's rate, betas and weight decay. One optimizer object keeps every player's state,
+    so checkpoints, resumes and resharding are those of one optimizer; a player steps alone because the loop
+    drops the other players' gradients first, and the optimizers skip parameters without one."""
+    if players:
+        owners = {name: player_of(name, {p: m for p, (m, _, _) in players.items()}) for name, param in
+                  model.named_parameters() if param.requires_grad}  # fmt: skip
+        groups = []
+        for player, (_, settings, peak) in players.items():
+            mine = param_groups(model, settings.weight_decay, skip, settings.decay_biases_and_norms, lr_scale,
+                                only=lambda name, player=player: owners.get(name) == player)  # fmt: skip
+            for group in mine:
+                group["player"], group["lr"] = player, peak * group["lr_scale"]
+                if cfg.name == "adamw":
+                    group["betas"] = tuple(settings.betas)
+            groups += mine
+    else:
+        groups = param_groups(model, cfg.weight_decay, skip, cfg.decay_biases_and_norms, lr_scale)
+        for group in groups:
+            group["lr"] = lr * group["lr_scale"]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
     if cfg.name == "lars":
@@ -71,6 +104,15 @@ def build_optimizer(
     # The fused kernel only exists for accelerator tensors; foreach is the fast path on CPU.
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True if on_cuda else None)
+
+
+def group_settings(
+    group: dict, cfg: OptimConfig, peak_lr: float, players: PlayerOptims | None
+) -> tuple[OptimConfig, float]:
+    """The settings and peak rate that govern a parameter group: its player's, else [optim]'s."""
+    if players and group.get("player") in players:
+        return players[group["player"]]
+    return cfg, peak_lr
 
 
 def is_decayed(group: dict, index: int) -> bool:
@@ -165,34 +207,42 @@ def learning_rate(cfg: OptimConfig, step: int, total_steps: int, peak_lr: float)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, peak_lr: float, start_step: int = 0
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimConfig,
+    total_steps: int,
+    peak_lr: float,
+    start_step: int = 0,
+    players: PlayerOptims | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate as a function of the step and the settings alone, standing at `start_step`.
 
     A resumed run builds it anew from the settings it resumes with (so a changed rate, warmup or length
-    takes effect at the resumed step); with unchanged settings it equals the saved schedule exactly."""
+    takes effect at the resumed step); with unchanged settings it equals the saved schedule exactly. Each
+    player's groups follow the player's own settings, on the loop's step clock."""
+    lambdas = []
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = peak_lr * group.get("lr_scale", 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: learning_rate(cfg, step, total_steps, peak_lr) / peak_lr,
-        last_epoch=start_step - 1,
-    )
+        settings, peak = group_settings(group, cfg, peak_lr, players)
+        group["lr"] = group["initial_lr"] = peak * group.get("lr_scale", 1.0)
+        lambdas.append(lambda step, c=settings, p=peak: learning_rate(c, step, total_steps, p) / p)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=start_step - 1)
 
 
-def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
-    """Settings that a loaded optimizer state carries in its parameter groups are taken from the config,
-    so a resume with changed settings uses them (the moments are kept)."""
+def set_hyperparameters(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, players: PlayerOptims | None = None
+) -> None:
+    """Settings that a loaded optimizer state carries in its parameter groups are taken from the config (a
+    player's groups from the player's), so a resume with changed settings uses them (the moments are kept)."""
     for index, group in enumerate(optimizer.param_groups):
+        settings, _ = group_settings(group, cfg, 0.0, players)
         if "betas" in group:
-            group["betas"] = tuple(cfg.betas)
+            group["betas"] = tuple(settings.betas)
         if "eps" in group:
-            group["eps"] = cfg.eps
+            group["eps"] = settings.eps
         if "momentum" in group:  # SGD and LARS
-            group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov
+            group["momentum"], group["nesterov"] = settings.momentum, settings.nesterov
         if "eta" in group:
-            group["eta"] = cfg.lars_eta
-        group["weight_decay"] = cfg.weight_decay if is_decayed(group, index) else 0.0
+            group["eta"] = settings.lars_eta
+        group["weight_decay"] = settings.weight_decay if is_decayed(group, index) else 0.0
 
 
 def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
@@ -204,19 +254,23 @@ def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
 class WeightDecaySchedule:
     """Sets the decay of every decayed parameter group for the coming step (DINO raises it 0.04 -> 0.4).
 
-    A pure function of the step, so nothing needs checkpointing; a no-op when weight_decay_end < 0.
+    A pure function of the step, so nothing needs checkpointing; a no-op when weight_decay_end < 0 (for a
+    player's groups: the player's weight decay, with [optim]'s end).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> None:
-        self.optimizer, self.cfg, self.total = optimizer, cfg, total_steps
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, players: PlayerOptims | None = None
+    ) -> None:
+        self.optimizer, self.cfg, self.total, self.players = optimizer, cfg, total_steps, players
         self.enabled = cfg.weight_decay_end >= 0
 
     def apply(self, step: int) -> float:
-        """Weight decay used by optimizer step `step` (0-based)."""
+        """Weight decay used by optimizer step `step` (0-based), of [optim]'s groups."""
         if not self.enabled:
             return self.cfg.weight_decay
-        value = cosine_ramp(step, self.total, self.cfg.weight_decay, self.cfg.weight_decay_end)
+        value = self.cfg.weight_decay
         for index, group in enumerate(self.optimizer.param_groups):
             if is_decayed(group, index):
-                group["weight_decay"] = value
-        return value
+                settings, _ = group_settings(group, self.cfg, 0.0, self.players)
+                group["weight_decay"] = cosine_ramp(step, self.total, settings.weight_decay, self.cfg.weight_decay_end)
+        return cosine_ramp(step, self.total, value, self.cfg.weight_decay_end)

@@ -52,7 +52,14 @@ from pretrain.methods.registry import (
     preflight_method,
     teacher_checkpoint,
 )
-from pretrain.optim import WeightDecaySchedule, build_optimizer, build_scheduler, scaled_lr, set_hyperparameters
+from pretrain.optim import (
+    WeightDecaySchedule,
+    build_optimizer,
+    build_scheduler,
+    player_of,
+    scaled_lr,
+    set_hyperparameters,
+)
 from pretrain.progress import Progress
 from pretrain.recipes import config_from_saved
 from pretrain.resume_changes import check_changes
@@ -206,13 +213,34 @@ class Trainer:
         if initial and not on_meta:
             load_full_state(self.method, initial)
         no_decay, lr_scale = self.method.no_weight_decay(), self.method.lr_scale
+        # Networks with optimizers of their own (a GAN's two players): each its settings and peak rate.
+        self.players = self.method.players()
+        self.player_optims = {
+            player.name: (settings := player.settings.resolve(cfg.optim), scaled_lr(settings, self.samples_per_step))
+            for player in self.players
+        } or None
+        if self.players and cfg.engine.kind == "deepspeed":
+            raise ConfigError(
+                f"engine.kind: method {cfg.method.name!r} trains {len(self.players)} players with optimizers of their "
+                "own; DeepSpeed's engine owns exactly one optimizer over its flattened (ZeRO) gradients, where a "
+                "player cannot step alone. Use engine.kind = 'single', 'ddp' or 'fsdp'"
+            )
+        owned = {p.name: (p.modules, *self.player_optims[p.name]) for p in self.players} if self.players else None
         self.model, self.optimizer = self.engine.setup(
-            self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay, lr_scale)
+            self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay, lr_scale, owned)
         )
+        # Each player's trainable parameters, as the engine left them (FSDP2 replaces them by sharded ones).
+        modules = {p.name: p.modules for p in self.players}
+        self._player_params = {p.name: [] for p in self.players}
+        for name, param in self.method.named_parameters():
+            if self.players and param.requires_grad:
+                self._player_params[player_of(name, modules)].append(param)
         if initial and on_meta:  # shards materialized by the engine: each rank takes its part of the full tensors
             set_model_state_dict(self.model, initial, options=StateDictOptions(full_state_dict=True, strict=False))
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, self.peak_lr)
-        self.weight_decay = WeightDecaySchedule(self.optimizer, cfg.optim, cfg.train.steps)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim, cfg.train.steps, self.peak_lr, players=self.player_optims
+        )
+        self.weight_decay = WeightDecaySchedule(self.optimizer, cfg.optim, cfg.train.steps, self.player_optims)
         self.ema_pairs = self.method.ema_pairs()
         self.step = 0
         self._samples_before = 0  # samples seen before self._samples_from (batch sizes may change on resume)
@@ -364,9 +392,9 @@ class Trainer:
         self.step = meta["step"]
         # The schedule is rebuilt from today's settings at the saved step (equal to the saved one when
         # nothing changed); the optimizer's hyperparameters come from the config, its moments from the file.
-        set_hyperparameters(self.optimizer, self.cfg.optim)
+        set_hyperparameters(self.optimizer, self.cfg.optim, self.player_optims)
         self.scheduler = build_scheduler(
-            self.optimizer, self.cfg.optim, self.cfg.train.steps, self.peak_lr, start_step=self.step
+            self.optimizer, self.cfg.optim, self.cfg.train.steps, self.peak_lr, self.step, self.player_optims
         )
         self.loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
@@ -463,8 +491,10 @@ class Trainer:
         clipping), one reduction of the step's statistics across ranks, then, if every value is finite,
         the weight-decay schedule, optimizer, learning-rate schedule, EMA and the method's hook. A
         non-finite step changes no weights and does not advance `self.step`."""
+        if self.players:
+            return self.players_step(batches, stop_requested)
         cfg, engine = self.cfg, self.engine
-        accum, total = cfg.optim.accum_steps, cfg.train.steps
+        accum = cfg.optim.accum_steps
         started = time.perf_counter()
         self.model.train()
         loss_sum = torch.zeros((), device=engine.device)
@@ -505,13 +535,81 @@ class Trainer:
             return step
         self.weight_decay.apply(self.step)
         engine.optimizer_step(self.optimizer)
+        return self._end_step(step, started)
+
+    def _end_step(self, step: StepStats, started: float) -> StepStats:
+        """After the step's updates: the schedule, the step count, the EMA and the method's hook."""
+        total = self.cfg.train.steps
         self.scheduler.step()
         self.step += 1
         if self.ema_pairs:
-            engine.ema_update(self.ema_pairs, self.method.ema_momentum(self.step, total))
+            self.engine.ema_update(self.ema_pairs, self.method.ema_momentum(self.step, total))
         self.method.on_step_end(self.step, total)
         step.seconds = time.perf_counter() - started
         return step
+
+    def players_step(self, batches: Iterator[dict[str, Any]], stop_requested: bool = False) -> StepStats:
+        """One optimizer step of a method with players: the step's micro-batches are read once; each player due
+        at this step (in the method's order) runs them forward and backward with its own loss, its gradients
+        alone are kept, clipped with its own bound and applied. The step's statistics are the sum of the
+        players' losses and, per player, `loss_<name>`, `grad_norm_<name>` and its method outputs.
+
+        A non-finite player drops its update and the step is not applied; players that updated before it in
+        this step keep their update (a GAN's alternation cannot be undone without a copy of the weights)."""
+        cfg, engine = self.cfg, self.engine
+        accum, world = cfg.optim.accum_steps, self.world
+        started = time.perf_counter()
+        self.model.train()
+        micro_batches = [_to_device(next(batches), engine.device) for _ in range(accum)]
+        extras: dict[str, float] = {}
+        total_loss, applied, stop_votes = 0.0, True, 0.0
+        lr = self.scheduler.get_last_lr()[0]
+        for index, player in enumerate(self.players):
+            if self.step % player.settings.every:
+                continue
+            loss_sum = torch.zeros((), device=engine.device)
+            player_extras: dict[str, torch.Tensor] = {}
+            for micro, batch in enumerate(micro_batches):
+                # One draw stream per (player, micro-batch), the same at any world size: the global index.
+                seed_step(cfg.run.seed, self.step, (index * accum + micro) * world.world_size + world.rank)
+                if self.device_transform is not None:
+                    batch = self.device_transform(batch)
+                with engine.accumulate(self.model, micro == accum - 1), engine.autocast():
+                    out = self.model(batch, player=player.name)
+                    engine.backward(out["loss"] / accum)
+                loss_sum += out["loss"].detach().float()
+                for name, value in out.items():
+                    if name != "loss":
+                        player_extras[name] = player_extras.get(name, 0) + value.detach().float()
+            for other, params in self._player_params.items():  # what reached the other players is dropped
+                if other != player.name:
+                    for param in params:
+                        param.grad = None
+            settings, _ = self.player_optims[player.name]
+            grad_norm = engine.clip_grad_norm(self.model, settings.grad_clip)
+            stats = [loss_sum / accum, grad_norm.float(), *(v / accum for v in player_extras.values())]
+            stats.append(loss_sum.new_tensor(float(stop_requested)))
+            loss, grad, *values, votes = all_reduce_mean(torch.stack(stats)).tolist()
+            stop_votes = max(stop_votes, votes)
+            total_loss += loss
+            extras[f"loss_{player.name}"], extras[f"grad_norm_{player.name}"] = loss, grad
+            extras.update({f"{name}_{player.name}": value for name, value in zip(player_extras, values)})
+            if not (math.isfinite(loss) and math.isfinite(grad)):
+                engine.zero_grad(self.optimizer)
+                applied = False
+                break
+            self.weight_decay.apply(self.step)
+            engine.optimizer_step(self.optimizer)
+        step = StepStats(
+            loss=total_loss,
+            grad_norm=max((v for k, v in extras.items() if k.startswith("grad_norm_")), default=0.0),
+            extras=extras,
+            stop_requested=stop_votes > 0,
+            applied=applied,
+            lr=lr,
+            batch=micro_batches[-1],
+        )
+        return self._end_step(step, started) if applied else step
 
     def _periodic(self, stats: StepStats, result: TrainResult) -> None:
         """What happens every so many steps: the log line and metrics, pictures, kNN, checkpoints."""

@@ -167,3 +167,35 @@ def test_sgd_and_lars_runs_resume_bit_identically(tmp_path, digit_shards, optimi
     second = resumed.fit()
     assert first.losses + second.losses == straight.losses
     assert len(set(straight.losses)) == 6
+
+
+def test_players_get_their_own_groups_rates_betas_and_schedules():
+    from pretrain.config import PlayerSettings
+    from pretrain.optim import player_of
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"g": torch.nn.Linear(3, 3), "d": torch.nn.Linear(3, 1)})
+    optim = OptimConfig(base_lr=1e-3, warmup_steps=0, min_lr=1e-3, lr_scaling="none", weight_decay=0.1)
+    d = PlayerSettings(base_lr=4e-3, betas=(0.0, 0.99), warmup_steps=2, weight_decay=0.0).resolve(optim)
+    g = PlayerSettings().resolve(optim)
+    assert (g.base_lr, g.betas, g.weight_decay) == (1e-3, optim.betas, 0.1) and d.base_lr == 4e-3
+    players = {"d": (("d",), d, 4e-3), "g": (("g",), g, 1e-3)}
+    optimizer = build_optimizer(model, optim, 1e-3, set(), players=players)
+    by_player = {}
+    for group in optimizer.param_groups:
+        by_player.setdefault(group["player"], []).extend(group["params"])
+    assert {id(p) for p in by_player["d"]} == {id(p) for p in model["d"].parameters()}
+    assert {id(p) for p in by_player["g"]} == {id(p) for p in model["g"].parameters()}
+    assert all(gr["betas"] == (0.0, 0.99) for gr in optimizer.param_groups if gr["player"] == "d")
+    decayed = {gr["player"]: gr["weight_decay"] for gr in optimizer.param_groups if gr["decayed"] and gr["params"]}
+    assert decayed == {"d": 0.0, "g": 0.1}
+    scheduler = build_scheduler(optimizer, optim, 10, 1e-3, players={"d": (d, 4e-3), "g": (g, 1e-3)})
+    rates = []
+    for _ in range(3):
+        rates.append({gr["player"]: gr["lr"] for gr in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    assert [r["d"] for r in rates] == pytest.approx([2e-3, 4e-3, 4e-3])  # its own 2-step warmup
+    assert [r["g"] for r in rates] == pytest.approx([1e-3, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="parameter 'e.weight' belongs to no player"):
+        player_of("e.weight", {"d": ("d",), "g": ("g",)})

@@ -19,7 +19,13 @@ class DDPEngine(DCPEngine):
     def setup(self, method: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         prepare_blocks(method, self.cfg.engine.activation_checkpointing, self.cfg.engine.compile)
         method.to(self.device)
-        model = DistributedDataParallel(method, device_ids=[self.device] if self.device.type == "cuda" else None)
+        # A method with players leaves the others' parameters out of a player's pass (a GAN's generator runs
+        # without grad in the discriminator's): DDP must then find the unused ones every pass.
+        model = DistributedDataParallel(
+            method,
+            device_ids=[self.device] if self.device.type == "cuda" else None,
+            find_unused_parameters=bool(method.players()),
+        )
         # The optimizer groups parameters by the method's own names (no "module." prefix), like every engine.
         return model, make_optimizer(method)
 

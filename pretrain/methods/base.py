@@ -1,9 +1,22 @@
 """The interface between pretraining methods and the single train loop / engine."""
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from pretrain.config import PlayerSettings
+
+
+@dataclass(frozen=True)
+class Player:
+    """A network a method trains with an optimizer of its own: the parameters under `modules` (attribute names of
+    the method), and its settings (learning rate, betas, schedule, clipping, update ratio)."""
+
+    name: str
+    modules: tuple[str, ...]
+    settings: PlayerSettings
 
 
 class Method(nn.Module, ABC):
@@ -17,6 +30,13 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """{"loss": scalar to backpropagate, other names: detached scalars to log}."""
+
+    def players(self) -> list[Player]:
+        """The networks trained by optimizers of their own, in the order they update within a step; [] (the
+        default): one optimizer over every trainable parameter and `forward(batch)`. With players the loop calls
+        `forward(batch, player=name)` for each player due at the step, backpropagates its "loss" and steps only
+        that player's parameters (gradients reaching the others' are dropped)."""
+        return []
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """After each optimizer step (and the EMA update): schedules and other per-step state."""
