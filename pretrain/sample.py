@@ -1,6 +1,6 @@
 """`pretrain sample`: class-conditional samples of a generative checkpoint as a PNG grid: a DiT's (its EMA
-weights, by an ODE sampler), a PixelCNN's (pixel by pixel) or a token transformer's (token by token, decoded
-by its VQ tokenizer)."""
+weights, by an ODE sampler), a PixelCNN's (pixel by pixel), a token transformer's (token by token, decoded
+by its VQ tokenizer) or a GAN's (its EMA generator, in one pass)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pretrain.diffusion.sampling import SAMPLERS
+from pretrain.diffusion.transforms import to_unit
 from pretrain.engines.base import resolve_device
 from pretrain.runtime.world import WorldInfo
 from pretrain.visualize import image_grid
@@ -23,7 +24,7 @@ from pretrain.visualize import image_grid
 class SampleOptions:
     """What `pretrain sample` may set; None takes the checkpoint's configured value. Each method reads its own:
     DiT the ODE's steps, sampler, guidance and EMA choice; the token transformer temperature, top-k, top-p,
-    guidance and the KV cache; PixelCNN none."""
+    guidance and the KV cache; a GAN the truncation psi (StyleGAN); PixelCNN none."""
 
     steps: int = 50
     cfg_scale: float | None = None
@@ -34,6 +35,7 @@ class SampleOptions:
     top_k: int | None = None
     top_p: float | None = None
     use_cache: bool = True
+    truncation_psi: float | None = None
 
 
 def sample_grid(
@@ -44,16 +46,17 @@ def sample_grid(
     (1: no guidance)."""
     from pretrain.ckpt.load import load_method
     from pretrain.methods.dit import RectifiedFlowDiT
+    from pretrain.methods.gan import GANTraining
     from pretrain.methods.gpt import TokenAutoregressive
     from pretrain.methods.pixelcnn import PixelCNNMethod
 
     options = options or SampleOptions(**kwargs)
     cfg, method, path = load_method(checkpoint)
-    kinds = (RectifiedFlowDiT, PixelCNNMethod, TokenAutoregressive)
+    kinds = (RectifiedFlowDiT, PixelCNNMethod, TokenAutoregressive, GANTraining)
     if not isinstance(method, kinds):
         raise ValueError(
-            f"{path} was trained with method.name={cfg.method.name!r}; sampling needs a 'dit', 'pixelcnn' or 'gpt' "
-            "checkpoint"
+            f"{path} was trained with method.name={cfg.method.name!r}; sampling needs a 'dit', 'pixelcnn', 'gpt' or "
+            "'gan' checkpoint"
         )
     network = method.inference_network()
     if network.num_classes and not 0 <= label < network.num_classes:
@@ -66,6 +69,11 @@ def sample_grid(
     if isinstance(method, PixelCNNMethod):
         samples = method.generate(labels if network.num_classes else None, num, generator)
         return image_grid(samples.float().div(255), nrow=nrow), "pixel by pixel"
+    if isinstance(method, GANTraining):
+        images = method.generate(labels if network.num_classes else None, num, generator, options.truncation_psi)
+        psi = method.cfg.truncation_psi if options.truncation_psi is None else options.truncation_psi
+        how = "one generator pass" + (f", truncation psi {psi:g}" if method.cfg.arch == "stylegan" else "")
+        return image_grid(to_unit(images), nrow=nrow), how
     scale = method.sample_cfg_scale if isinstance(method, RectifiedFlowDiT) else method.cfg_scale
     scale = scale if options.cfg_scale is None else options.cfg_scale
     if isinstance(method, TokenAutoregressive):
@@ -102,6 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         use_cache=not args.no_kv_cache,
+        truncation_psi=args.truncation_psi,
     )
     try:
         grid, how = sample_grid(args.checkpoint, args.label, args.num, args.seed, options)
@@ -115,7 +124,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "sample", help="class-conditional samples from a DiT, PixelCNN or token-transformer checkpoint, as a PNG grid"
+        "sample",
+        help="class-conditional samples from a DiT, PixelCNN, token-transformer or GAN checkpoint, as a PNG grid",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
     p.add_argument("--class", dest="label", type=int, required=True, help="class index to generate")
@@ -145,5 +155,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gpt.add_argument("--top-p", type=float, default=None, help="keep the smallest set of mass p; 1 = all")
     gpt.add_argument(
         "--no-kv-cache", action="store_true", help="recompute the whole prefix per token (same tokens, slower)"
+    )
+    gan = p.add_argument_group("GAN")
+    gan.add_argument(
+        "--truncation-psi", type=float, default=None, help="StyleGAN's truncation (1: none; default: the run's)"
     )
     p.set_defaults(func=cmd_sample)

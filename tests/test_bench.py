@@ -24,7 +24,8 @@ def one_recipe_per_method_and_backbone() -> list[Path]:
         cfg = load_config(path)
         section = getattr(cfg.method, cfg.method.name)
         distilled = bool(getattr(section, "teacher_checkpoint", ""))  # a frozen teacher (kept at its random init)
-        chosen.setdefault((cfg.method.name, cfg.model.arch, getattr(section, "space", None), distilled), path)
+        network = getattr(section, "arch", cfg.model.arch)  # a GAN's networks are method.gan.arch
+        chosen.setdefault((cfg.method.name, network, getattr(section, "space", None), distilled), path)
     return sorted(chosen.values())
 
 
@@ -72,6 +73,12 @@ TINY = [
     "method.cpc.first_offset=1",
     "method.cpc.last_offset=2",
     "method.cpc.context_dim=16",
+    "method.gan.base_channels=8",
+    "method.gan.max_channels=16",
+    "method.gan.latent_dim=16",
+    "method.gan.w_dim=16",
+    "method.gan.mapping_layers=2",
+    "method.gan.mbstd_group=2",
 ]
 
 
@@ -92,7 +99,7 @@ def test_bench_every_recipe_synthetic(tmp_path, config):
     assert record["command"].startswith(f"pretrain bench {config}")
     assert record["config"]["train"]["ckpt_every"] == 0 and record["config"]["tracking"]["enabled"] is False
     assert record["mfu"] is None  # no bf16 peak on a CPU
-    if record["method"] in ("vae", "vq"):  # conv autoencoders: no FLOP count
+    if record["method"] in ("vae", "vq", "gan"):  # conv autoencoders and GANs: no FLOP count
         assert record["flops_per_sample"] is None and record["tflops_per_device"] is None
     else:
         assert record["tflops_per_device"] > 0

@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pretrain.bench",
             "pretrain.demo",
             "pretrain.latent_shards",
+            "pretrain.token_shards",
             "pretrain.plan",
         ),
     ),

@@ -14,6 +14,7 @@ from pretrain.methods import (
     dinov2,
     dit,
     finetune,
+    gan,
     gpt,
     inpainting,
     jigsaw,
@@ -51,6 +52,7 @@ METHODS: dict[str, MethodSpec] = {
         cpc.SPEC,
         pixelcnn.SPEC,
         gpt.SPEC,
+        gan.SPEC,
         finetune.SPEC,
     )
 }
