@@ -187,21 +187,31 @@ def test_bad_settings_fail_naming_the_key(overrides, message):
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(tmp_path, digit_shards, engine):
-    """2 ranks x 1 stream == 1 process with 2 data workers (2 streams) and 2 micro-batches per step."""
+def test_two_ranks_match_one_process_and_resume_bit_identically(tmp_path, digit_shards, engine):
+    """2 ranks x 1 stream == 1 process with 2 data workers (2 streams) and 2 micro-batches per step; and the
+    2-rank run stopped after step 2 and resumed (both players' sharded optimizer state from its checkpoint)
+    repeats the straight 2-rank run exactly."""
     steps = ["train.steps=3", "optim.warmup_steps=1", "method.gan.generator.every=1"]
     one = Trainer(gan_config(tmp_path / "one", digit_shards, "optim.accum_steps=2", "data.num_workers=2", *steps))
     losses = one.fit().losses
-    overrides = tiny_overrides(tmp_path / "two", digit_shards, "tracking.enabled=false", *STYLEGAN_TINY)
-    sets = [x for o in [*overrides, f"engine.kind={engine}", *steps] for x in ("--set", o)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     empty = tmp_path / "overrides_only.toml"
     empty.write_text("")
-    cmd += ["-m", "pretrain.cli", "train", str(empty), *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = (tmp_path / "two" / "tiny" / "metrics.jsonl").read_text().splitlines()
-    two = [json.loads(line) for line in lines]
-    assert [row["loss"] for row in two] == pytest.approx(losses, rel=1e-5, abs=1e-6)
-    assert all("loss_generator" in row and "loss_discriminator" in row for row in two)
+
+    def two_ranks(out: Path, *extra: str) -> list[dict]:
+        overrides = tiny_overrides(out, digit_shards, "tracking.enabled=false", *STYLEGAN_TINY)
+        sets = [x for o in [*overrides, f"engine.kind={engine}", *steps] for x in ("--set", o)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        cmd += ["-m", "pretrain.cli", "train", str(empty), *sets, *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        assert run.returncode == 0, run.stderr[-4000:]
+        return [json.loads(line) for line in (out / "tiny" / "metrics.jsonl").read_text().splitlines()]
+
+    straight = two_ranks(tmp_path / "two")
+    assert [row["loss"] for row in straight] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    assert all("loss_generator" in row and "loss_discriminator" in row for row in straight)
+    two_ranks(tmp_path / "split", "--until", "2")
+    resumed = two_ranks(tmp_path / "split")
+    assert [row["step"] for row in resumed] == [1, 2, 3]
+    for name in ("loss", "loss_generator", "loss_discriminator", "grad_norm_generator", "grad_norm_discriminator"):
+        assert [row[name] for row in resumed] == [row[name] for row in straight], name
