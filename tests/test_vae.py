@@ -154,6 +154,33 @@ def test_gan_terms_train_only_their_own_network():
     assert torch.allclose(with_gan["discriminator.net.0.weight"], method.discriminator.net[0].weight.grad)
 
 
+def test_the_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_layer():
+    """VQGAN's eq. 7: |grad nll| / (|grad adv| + 1e-4) at the decoder's last weight, times gan_weight."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    vae = build_vae(3, 4, 2, base_channels=8, layers_per_block=1, norm_groups=4)
+    method = KLAutoencoderTraining(vae, gan_weight=0.5, disc_channels=8, disc_layers=2, adaptive_gan_weight=True)
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(1)
+    out = method({"image": x})
+    torch.manual_seed(1)  # the same posterior sample
+    recon = method.vae(x)[0]
+    rec = (recon - x).abs().mean()
+    frozen = {n: p.detach() for n, p in method.discriminator.named_parameters()}
+    adv = -functional_call(method.discriminator, frozen, (recon,)).mean()
+    last = method.vae.decoder.conv_out.weight
+    (g_rec,) = torch.autograd.grad(rec, last, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(adv, last)
+    expected = 0.5 * g_rec.norm() / (g_adv.norm() + 1e-4)
+    torch.testing.assert_close(out["gan_weight"], expected)
+    assert float(expected) != 0.5  # not the constant
+    disc = out["disc_loss"]
+    torch.testing.assert_close(out["loss"], rec + 1e-6 * out["kl"] + disc + expected * adv, rtol=1e-5, atol=1e-6)
+    out["loss"].backward()  # the weight is detached: one ordinary backward
+    assert last.grad is not None
+
+
 def test_the_perceptual_term_is_lpips_of_the_reconstruction(tmp_path):
     from pretrain.models.lpips import load_lpips
 
@@ -180,6 +207,10 @@ def test_the_perceptual_term_is_lpips_of_the_reconstruction(tmp_path):
         ("data.image_size=20", "data.image_size: 20 is not a multiple of method.vae.downsample 8"),
         ("method.vae.base_channels=100", "method.vae.base_channels"),
         ("method.vae.perceptual_weight=-1", "method.vae.perceptual_weight"),
+        (
+            "method.vae.adaptive_gan_weight=true method.vae.gan_weight=0.5 engine.kind=fsdp",
+            "method.vae.adaptive_gan_weight: the gradient-norm ratio",
+        ),
     ],
 )
 def test_bad_vae_settings_name_the_key(override, key):
@@ -187,4 +218,4 @@ def test_bad_vae_settings_name_the_key(override, key):
     from pretrain.recipes import load_config
 
     with pytest.raises(ConfigError, match=key):
-        load_config(None, ["method.name=vae", "data.image_size=32", "model.patch_size=4", override])
+        load_config(None, ["method.name=vae", "data.image_size=32", "model.patch_size=4", *override.split()])

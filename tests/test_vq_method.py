@@ -67,6 +67,10 @@ def test_the_loss_is_reconstruction_plus_the_quantizers():
             ["engine.kind=fsdp", "method.vq.codebook_update=straight_through"],
             "method.vq.dead_code_threshold: a restart writes",
         ),
+        (
+            ["engine.kind=fsdp", "method.vq.gan_weight=0.8", "method.vq.adaptive_gan_weight=true"],
+            "method.vq.adaptive_gan_weight: the gradient-norm ratio",
+        ),
     ],
 )
 def test_bad_settings_fail_naming_the_key(overrides, key):

@@ -54,6 +54,9 @@ class VAEConfig:
     gan_start: int = bounded(0, ge=0)
     disc_channels: int = 64
     disc_layers: int = 3
+    # Multiply gan_weight by VQGAN's adaptive weight (the gradient-norm ratio at the decoder's last layer), as LDM's
+    # LPIPSWithDiscriminator does; off: the constant gan_weight.
+    adaptive_gan_weight: bool = False
     # > 0: add this x LPIPS (pretrain/models/lpips.py) to the loss, as LDM's LPIPSWithDiscriminator does (1.0);
     # its weights come from the two local files (the module's docstring says where to get them).
     perceptual_weight: float = bounded(0.0, ge=0)
@@ -84,18 +87,50 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def adaptive_gan_weight(nll: Tensor, generator_adv: Tensor, last_layer: Tensor) -> Tensor:
+    """VQGAN's adaptive adversarial weight (Esser et al. 2021, eq. 7; taming's calculate_adaptive_weight):
+    |grad of the reconstruction loss| / (|grad of the adversarial term| + 1e-4) at the decoder's last layer,
+    clamped to [0, 1e4] and detached. It balances the two terms' pull on the decoder whatever their scales."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(generator_adv, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
 def add_patch_gan(
-    loss: Tensor, discriminator: nn.Module, images: Tensor, recon: Tensor, generator_on: Tensor, gan_weight: float
+    loss: Tensor,
+    discriminator: nn.Module,
+    images: Tensor,
+    recon: Tensor,
+    generator_on: Tensor,
+    gan_weight: float,
+    adaptive: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss + the discriminator's hinge loss + generator_on x gan_weight x the generator's adversarial term,
     their metrics): the discriminator sees the reconstruction detached, the generator's term goes through a
-    detached copy of the discriminator's parameters, so one backward trains each player on its own term."""
+    detached copy of the discriminator's parameters, so one backward trains each player on its own term.
+    `adaptive` = (reconstruction loss, the decoder's last weight) multiplies gan_weight by
+    `adaptive_gan_weight`, as VQGAN and LDM's autoencoders do."""
     real, fake = discriminator(images), discriminator(recon.detach())
     disc = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
     frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
     generator_adv = -functional_call(discriminator, frozen, (recon,)).mean()
-    loss = loss + disc + generator_on * gan_weight * generator_adv
-    return loss, {"disc_loss": disc.detach(), "gen_adv": generator_adv.detach()}
+    weight = gan_weight * (adaptive_gan_weight(adaptive[0], generator_adv, adaptive[1]) if adaptive else 1.0)
+    loss = loss + disc + generator_on * weight * generator_adv
+    metrics = {"disc_loss": disc.detach(), "gen_adv": generator_adv.detach()}
+    if adaptive:
+        metrics["gan_weight"] = weight.detach()
+    return loss, metrics
+
+
+def check_adaptive_gan(section, key: str, cfg: Config) -> None:
+    """The adaptive weight differentiates through the decoder's last weight inside the forward; under FSDP2 or
+    ZeRO-3 that weight is a shard gathered by hooks, which this is not verified with."""
+    sharded = cfg.engine.kind == "fsdp" or (cfg.engine.kind == "deepspeed" and cfg.engine.deepspeed.zero_stage == 3)
+    if section.adaptive_gan_weight and section.gan_weight > 0 and sharded:
+        raise ConfigError(
+            f"{key}.adaptive_gan_weight: the gradient-norm ratio at the decoder's last layer is computed inside the "
+            f"forward, which engine.kind={cfg.engine.kind!r} shards; use a constant weight or engine.kind = 'ddp'"
+        )
 
 
 class PerceptualLoss:
@@ -146,9 +181,11 @@ class KLAutoencoderTraining(Method):
         disc_layers: int = 3,
         num_visuals: int = 8,
         perceptual: tuple[float, str, str] = (0.0, "", ""),
+        adaptive_gan_weight: bool = False,
     ) -> None:
         super().__init__()
         self.vae = vae
+        self.adaptive_gan_weight = adaptive_gan_weight
         self.perceptual_weight = perceptual[0]
         self.__dict__["perceptual"] = PerceptualLoss(*perceptual[1:]) if perceptual[0] > 0 else None
         self.recon_loss, self.kl_weight = recon_loss, kl_weight
@@ -181,15 +218,17 @@ class KLAutoencoderTraining(Method):
         recon, posterior = self.vae(x)
         rec = reconstruction_loss(recon, x, self.recon_loss)
         kl = posterior.kl().mean()
-        loss = rec + self.kl_weight * kl
+        nll = rec
         out = {"rec_loss": rec.detach(), "kl": kl.detach()}
         if self.perceptual is not None:
             perceptual = self.perceptual(recon, x)
-            loss = loss + self.perceptual_weight * perceptual
+            nll = nll + self.perceptual_weight * perceptual
             out["perceptual_loss"] = perceptual.detach()
+        loss = nll + self.kl_weight * kl
         if self.discriminator is not None:
             on = (self.steps_done >= self.gan_start).float()
-            loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight)
+            adaptive = (nll, self.vae.decoder.conv_out.weight) if self.adaptive_gan_weight else None
+            loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight, adaptive)
             out |= gan_metrics
         return {"loss": loss, **out}
 
@@ -218,6 +257,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.image_size: {cfg.data.image_size} is not a multiple of method.vae.downsample {vae.downsample}"
         )
+    check_adaptive_gan(vae, "method.vae", cfg)
 
 
 def build_from_section(v: VAEConfig) -> KLAutoencoderTraining:
@@ -236,6 +276,7 @@ def build_from_section(v: VAEConfig) -> KLAutoencoderTraining:
         v.disc_channels,
         v.disc_layers,
         perceptual=(v.perceptual_weight, v.lpips_vgg, v.lpips_lin),
+        adaptive_gan_weight=v.adaptive_gan_weight,
     )
 
 

@@ -9,9 +9,9 @@ discriminator's hinge loss on detached reconstructions, the generator's term thr
 discriminator, on from `gan_start`). Dead codes are restarted onto this step's encoder outputs, drawn from
 (run seed, step, micro-batch), so every rank draws the same ones and a resumed run draws them again.
 
-With `perceptual_weight` > 0 VQGAN's LPIPS term is added (pretrain/models/lpips.py, weights from local files).
-VQGAN's adversarial weight is adaptive (the ratio of the reconstruction's and the GAN term's gradient norms at the
-decoder's last layer); here it is the constant `gan_weight`.
+With `perceptual_weight` > 0 VQGAN's LPIPS term is added (pretrain/models/lpips.py, weights from local files), and
+with `adaptive_gan_weight` the adversarial weight is VQGAN's adaptive one (the ratio of the reconstruction's and
+the GAN term's gradient norms at the decoder's last layer, per rank under DDP as in the release).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pretrain.methods.vae import (
     PatchDiscriminator,
     PerceptualLoss,
     add_patch_gan,
+    check_adaptive_gan,
     check_perceptual,
     reconstruction_loss,
 )
@@ -72,6 +73,9 @@ class VQConfig:
     gan_start: int = bounded(0, ge=0)
     disc_channels: int = bounded(64, gt=0)
     disc_layers: int = bounded(3, gt=0)
+    # Multiply gan_weight by VQGAN's adaptive weight (the ratio of the reconstruction's and the adversarial term's
+    # gradient norms at the decoder's last layer, eq. 7); off: the constant gan_weight.
+    adaptive_gan_weight: bool = False
     # > 0: add this x LPIPS (pretrain/models/lpips.py) to the loss, VQGAN's perceptual term (1.0 there); its
     # weights come from the two local files (the module's docstring says where to get them).
     perceptual_weight: float = bounded(0.0, ge=0)
@@ -92,9 +96,11 @@ class VQTokenizerTraining(Method):
         disc_layers: int = 3,
         seed: int = 0,
         perceptual: tuple[float, str, str] = (0.0, "", ""),
+        adaptive_gan_weight: bool = False,
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder
+        self.adaptive_gan_weight = adaptive_gan_weight
         self.perceptual_weight = perceptual[0]
         self.__dict__["perceptual"] = PerceptualLoss(*perceptual[1:]) if perceptual[0] > 0 else None
         self.recon_loss, self.gan_weight, self.gan_start = recon_loss, gan_weight, gan_start
@@ -143,7 +149,7 @@ class VQTokenizerTraining(Method):
         out = self.autoencoder(x, generator)
         recon = out["reconstruction"]
         rec = reconstruction_loss(recon, x, self.recon_loss)
-        loss = rec + out["vq_loss"]
+        nll = rec
         metrics = {
             "rec_loss": rec.detach(),
             "vq_loss": out["vq_loss"].detach(),
@@ -153,11 +159,13 @@ class VQTokenizerTraining(Method):
         }
         if self.perceptual is not None:
             perceptual = self.perceptual(recon, x)
-            loss = loss + self.perceptual_weight * perceptual
+            nll = nll + self.perceptual_weight * perceptual
             metrics["perceptual_loss"] = perceptual.detach()
+        loss = nll + out["vq_loss"]
         if self.discriminator is not None:
             on = (self.steps_done >= self.gan_start).float()
-            loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight)
+            adaptive = (nll, self.autoencoder.decoder.conv_out.weight) if self.adaptive_gan_weight else None
+            loss, gan_metrics = add_patch_gan(loss, self.discriminator, x, recon, on, self.gan_weight, adaptive)
             metrics |= gan_metrics
         return {"loss": loss, **metrics}
 
@@ -195,6 +203,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.image_size: {cfg.data.image_size} is not a multiple of method.vq.downsample {vq.downsample}"
         )
+    check_adaptive_gan(vq, "method.vq", cfg)
     sharded = cfg.engine.kind == "fsdp" or (cfg.engine.kind == "deepspeed" and cfg.engine.deepspeed.zero_stage == 3)
     if sharded and vq.codebook_update == "straight_through" and vq.dead_code_threshold > 0:
         raise ConfigError(
@@ -234,6 +243,7 @@ def build(cfg: Config) -> VQTokenizerTraining:
         vq.disc_layers,
         cfg.run.seed,
         perceptual=(vq.perceptual_weight, vq.lpips_vgg, vq.lpips_lin),
+        adaptive_gan_weight=vq.adaptive_gan_weight,
     )
 
 
