@@ -40,8 +40,6 @@ from dit_digits import IMAGE_SIZE, cached_classifier, digits_shards, score
 from dit_digits import generate as generate_dit
 from PIL import Image
 
-from data_pipeline.loader import ResumableLoader
-from data_pipeline.manifest import Manifest
 from pretrain.ckpt.load import load_method
 from pretrain.eval.digit_classifier import classify, load_images
 from pretrain.eval.nll import evaluate_nll
@@ -133,27 +131,12 @@ def tokenizer_rows(args, workdir: Path, shards: Path, classifier, real_features)
     return {"VQ tokenizer, test reconstructions": row}, timing, checkpoint.parent.parent, tokens
 
 
-@torch.no_grad()
-def test_bits_per_token(method, tokens: Path) -> float:
-    """Mean next-token cross-entropy over the test token grids, with their true labels, in bits."""
-    loader = ResumableLoader(
-        Manifest.load(tokens).shard_paths("test"), batch_size=256, transform=lambda g, _: g, shuffle_buffer=0,
-        infinite=False,
-    )  # fmt: skip
-    total, count = 0.0, 0
-    for batch in loader:
-        grids = batch["image"].long().flatten(1)
-        total += float(method.model.loss(grids, batch["label"])) * grids.numel()
-        count += grids.numel()
-    return total / count / math.log(2)
-
-
 def gpt_rows(args, workdir: Path, tokenizer: Path, tokens: Path, classifier, real_features) -> tuple[dict, dict]:
     checkpoint, seconds, loss = train(
         "gpt_digits.toml", workdir, args.gpt_steps, f'data.shards="{tokens}"', f'method.gpt.tokenizer="{tokenizer}"'
     )
     _, method, _ = load_method(checkpoint)
-    bits = test_bits_per_token(method, tokens)
+    bits = evaluate_nll(checkpoint, split="test")["bits_per_token"]  # with the true labels
     labels = torch.arange(10).repeat_interleave(args.per_class)
     rows, sampling = {}, {}
     for scale in args.scales:
