@@ -45,6 +45,7 @@ from pretrain.flops import device_peak_flops
 from pretrain.logs import setup_logging
 from pretrain.memory import peak_memory_gb
 from pretrain.methods.registry import (
+    METHODS,
     build_device_transform,
     build_method,
     encoder_checkpoint,
@@ -56,7 +57,6 @@ from pretrain.optim import (
     WeightDecaySchedule,
     build_optimizer,
     build_scheduler,
-    player_of,
     scaled_lr,
     set_hyperparameters,
 )
@@ -219,22 +219,16 @@ class Trainer:
             player.name: (settings := player.settings.resolve(cfg.optim), scaled_lr(settings, self.samples_per_step))
             for player in self.players
         } or None
-        if self.players and cfg.engine.kind == "deepspeed":
-            raise ConfigError(
-                f"engine.kind: method {cfg.method.name!r} trains {len(self.players)} players with optimizers of their "
-                "own; DeepSpeed's engine owns exactly one optimizer over its flattened (ZeRO) gradients, where a "
-                "player cannot step alone. Use engine.kind = 'single', 'ddp' or 'fsdp'"
-            )
+        if bool(self.players) != METHODS[cfg.method.name].players:  # what config validation relied on
+            raise RuntimeError(f"method {cfg.method.name!r}: its players() and its MethodSpec.players disagree")
         owned = {p.name: (p.modules, *self.player_optims[p.name]) for p in self.players} if self.players else None
         self.model, self.optimizer = self.engine.setup(
             self.method, lambda model: build_optimizer(model, cfg.optim, self.peak_lr, no_decay, lr_scale, owned)
         )
-        # Each player's trainable parameters, as the engine left them (FSDP2 replaces them by sharded ones).
-        modules = {p.name: p.modules for p in self.players}
-        self._player_params = {p.name: [] for p in self.players}
-        for name, param in self.method.named_parameters():
-            if self.players and param.requires_grad:
-                self._player_params[player_of(name, modules)].append(param)
+        # Each player's parameters as its optimizer groups hold them (FSDP2's sharded ones, under FSDP2).
+        self._player_params: dict[str, list[torch.nn.Parameter]] = {}
+        for group in self.optimizer.param_groups if self.players else []:
+            self._player_params.setdefault(group["player"], []).extend(group["params"])
         if initial and on_meta:  # shards materialized by the engine: each rank takes its part of the full tensors
             set_model_state_dict(self.model, initial, options=StateDictOptions(full_state_dict=True, strict=False))
         self.scheduler = build_scheduler(

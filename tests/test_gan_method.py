@@ -175,7 +175,7 @@ def test_resume_is_bit_identical_with_both_players_state(tmp_path, digit_shards,
     "overrides, message",
     [
         (["data.image_size=24"], r"data\.image_size: a GAN generates power-of-2 sides"),
-        (["engine.kind=deepspeed"], r"engine\.kind: the GAN trains two players"),
+        (["engine.kind=deepspeed"], r"engine\.kind: method 'gan' trains players with optimizers of their own"),
         (["data.batch_size=6"], r"method\.gan\.mbstd_group: data\.batch_size 6 is not a multiple"),
         (["method.gan.generator.betas=[0.5]"], r"method\.gan\.generator\.betas: two values"),
         (["method.gan.generator.every=0"], r"method\.gan\.generator\.every"),

@@ -259,12 +259,6 @@ def validate(cfg: Config) -> None:
     size = cfg.data.image_size
     if size < 8 or size & (size - 1):
         raise ConfigError(f"data.image_size: a GAN generates power-of-2 sides >= 8, got {size}")
-    if cfg.engine.kind == "deepspeed":
-        raise ConfigError(
-            "engine.kind: the GAN trains two players with optimizers of their own; DeepSpeed's engine owns exactly "
-            "one optimizer over its flattened (ZeRO) gradients, where a player cannot step alone. Use 'single', "
-            "'ddp' or 'fsdp'"
-        )
     if g.arch == "stylegan":
         group = min(g.mbstd_group, cfg.data.batch_size)
         if cfg.data.batch_size % group:
@@ -293,4 +287,4 @@ def train_transform(cfg: Config):
     return pixel_transform(cfg.data.image_size, cfg.method.gan.channels, cfg.data.crop_scale, cfg.data.hflip)
 
 
-SPEC = MethodSpec("gan", GANConfig, build, train_transform, validate=validate)
+SPEC = MethodSpec("gan", GANConfig, build, train_transform, validate=validate, players=True)

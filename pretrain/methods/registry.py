@@ -6,7 +6,7 @@ dataclass becomes the section `method.<name>`.
 
 from __future__ import annotations
 
-from pretrain.config import Config, MethodConfig, check_choice, with_sections
+from pretrain.config import Config, ConfigError, MethodConfig, check_choice, with_sections
 from pretrain.methods import (
     colorization,
     cpc,
@@ -67,6 +67,12 @@ def validate_method(cfg: Config) -> None:
     """The chosen method's own checks (its section, and the core settings it depends on)."""
     check_choice("method.name", cfg.method.name, METHODS)
     spec = METHODS[cfg.method.name]
+    if spec.players and cfg.engine.kind == "deepspeed":
+        raise ConfigError(
+            f"engine.kind: method {spec.name!r} trains players with optimizers of their own; DeepSpeed's engine owns "
+            "exactly one optimizer over its flattened (ZeRO) gradients, where a player cannot step alone. Use "
+            "engine.kind = 'single', 'ddp' or 'fsdp'"
+        )
     if spec.validate is not None:
         spec.validate(cfg)
 

@@ -63,6 +63,9 @@ class MethodSpec:
     # resumed one from its own checkpoint.
     teacher_checkpoint: Callable[[Config], str] | None = None
     check_teacher: Callable[[Config, Config], None] | None = None
+    # The method trains several networks with optimizers of their own (`Method.players`). Engines that hold one
+    # optimizer over flattened gradients (DeepSpeed) are refused before any work.
+    players: bool = False
     # cfg -> overrides for settings the method reads from the data's manifest (a latent scale, steps per
     # epoch), for runs on synthetic batches without shards (`pretrain bench --synthetic-data`).
     synthetic_overrides: Callable[[Config], list[str]] | None = None
