@@ -33,6 +33,18 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def image_source(shards: str | Path, image_size: int | None, factor: int, encoder: str) -> tuple[Manifest, int]:
+    """The image shards' manifest and the side images are encoded at: `image_size`, else the manifest's; a
+    multiple of the encoder's downsampling `factor`."""
+    source = Manifest.load(shards)
+    size = image_size or source.image_size
+    if size is None:
+        raise ValueError(f"{shards}: images keep their original sizes; pass image_size")
+    if size % factor:
+        raise ValueError(f"image size {size} is not a multiple of {encoder}'s downsampling factor {factor}")
+    return source, size
+
+
 def encode_splits(
     source: Manifest,
     out_dir: str | Path,
@@ -95,12 +107,7 @@ def write_latent_shards(
     device: torch.device | str = "cpu",
 ) -> Manifest:
     """Encode every split of an image shard directory; returns the latent manifest (already saved)."""
-    source = Manifest.load(shards)
-    size = image_size or source.image_size
-    if size is None:
-        raise ValueError(f"{shards}: images keep their original sizes; pass image_size")
-    if size % vae.downsample:
-        raise ValueError(f"image size {size} is not a multiple of the VAE's downsampling factor {vae.downsample}")
+    source, size = image_source(shards, image_size, vae.downsample, "the VAE")
     vae = vae.eval().to(device)
     transform = pixel_transform(size, vae.arch.in_channels, train=False)
     generator = torch.Generator(device=device).manual_seed(seed)

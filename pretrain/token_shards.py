@@ -20,7 +20,7 @@ import torch
 
 from data_pipeline.manifest import Manifest
 from pretrain.diffusion.transforms import pixel_transform
-from pretrain.latent_shards import add_encode_arguments, encode_splits
+from pretrain.latent_shards import add_encode_arguments, encode_splits, image_source
 from pretrain.methods.vq import load_tokenizer
 from pretrain.models.vqvae import VQAutoencoder
 
@@ -52,13 +52,8 @@ def write_token_shards(
     device: torch.device | str = "cpu",
 ) -> Manifest:
     """Tokenize every split of an image shard directory; returns the token manifest (already saved)."""
-    source = Manifest.load(shards)
-    size = image_size or source.image_size
-    if size is None:
-        raise ValueError(f"{shards}: images keep their original sizes; pass image_size")
     factor = tokenizer.downsample_factor
-    if size % factor:
-        raise ValueError(f"image size {size} is not a multiple of the tokenizer's downsampling factor {factor}")
+    source, size = image_source(shards, image_size, factor, "the tokenizer")
     num_codes = tokenizer.quantizer.num_codes
     dtype = token_dtype(num_codes)
     tokenizer = tokenizer.eval().to(device)  # eval: no codebook update, no restart

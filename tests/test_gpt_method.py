@@ -4,7 +4,6 @@ against a direct cross-entropy, checks before any work, bad token records skippe
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -34,7 +33,7 @@ from pretrain.sample import sample_grid
 from pretrain.token_shards import code_statistics, write_token_shards
 from pretrain.train import Trainer
 
-from tiny import assert_equal_states, tiny_overrides
+from tiny import check_resume, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,18 +188,7 @@ def test_settings_that_disagree_with_the_data_fail_before_any_work(tmp_path, tok
 
 
 def test_resume_is_bit_identical_and_the_checkpoint_samples(tmp_path, tokens, capsys):
-    full = Trainer(gpt_config(tmp_path / "straight", tokens)).fit()
-    cfg = gpt_config(tmp_path / "split", tokens)
-    first = Trainer(cfg).fit(until=3)
-    second = Trainer(cfg).fit()
-    assert first.losses + second.losses == full.losses
-    assert all(math.isfinite(loss) for loss in full.losses)
-    straight = Trainer(gpt_config(tmp_path / "straight", tokens, "train.resume=none"))
-    states = []
-    for checkpoint in (second.checkpoint, full.checkpoint):
-        straight.engine.load_tensors(straight.model, straight.optimizer, checkpoint)
-        states.append(copy.deepcopy(straight.model.state_dict()))
-    assert_equal_states(states[0], states[1], "model")
+    full, straight, _ = check_resume(lambda out, *extra: gpt_config(out, tokens, *extra), tmp_path)
 
     # `pretrain eval nll`: bits per token over every test grid, against the model applied directly.
     assert main(["eval", "nll", "--checkpoint", str(full.checkpoint), "--json"]) == 0

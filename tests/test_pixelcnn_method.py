@@ -3,7 +3,6 @@ against a direct computation, `pretrain sample`, config errors, and two ranks (D
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -21,9 +20,8 @@ from pretrain.methods.pixelcnn import eval_transform, pixel_transform, preflight
 from pretrain.methods.registry import build_method
 from pretrain.models.pixel_likelihood import categorical_nll
 from pretrain.recipes import load_config
-from pretrain.train import Trainer
 
-from tiny import assert_equal_states, tiny_overrides
+from tiny import check_resume, tiny_overrides
 
 PIXELCNN_TINY = [
     "method.name=pixelcnn",
@@ -87,19 +85,7 @@ def test_a_conditional_model_with_fewer_classes_than_the_data_fails_before_any_w
 
 
 def test_resume_is_bit_identical_and_the_checkpoint_scores_and_samples(tmp_path, digit_shards, capsys):
-    full = Trainer(pixelcnn_config(tmp_path / "straight", digit_shards)).fit()
-    cfg = pixelcnn_config(tmp_path / "split", digit_shards)
-    first = Trainer(cfg).fit(until=3)
-    resumed = Trainer(cfg)
-    second = resumed.fit()
-    assert first.losses + second.losses == full.losses
-    assert all(math.isfinite(loss) for loss in full.losses)
-    straight = Trainer(pixelcnn_config(tmp_path / "straight", digit_shards, "train.resume=none"))
-    states = []
-    for checkpoint in (second.checkpoint, full.checkpoint):
-        straight.engine.load_tensors(straight.model, straight.optimizer, checkpoint)
-        states.append(copy.deepcopy(straight.model.state_dict()))
-    assert_equal_states(states[0], states[1], "model")
+    full, _, _ = check_resume(lambda out, *extra: pixelcnn_config(out, digit_shards, *extra), tmp_path)
 
     # `pretrain eval nll`: the mean over every test image, against the model applied directly.
     assert main(["eval", "nll", "--checkpoint", str(full.checkpoint), "--json"]) == 0

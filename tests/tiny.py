@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -31,6 +32,32 @@ def tiny_overrides(out: Path, shards: Path, *extra: str) -> list[str]:
         "train.ckpt_every=0",
         *extra,
     ]
+
+
+def check_resume(config, root: Path, what: str = "model", optimizer: bool = False):
+    """Train `config(out, *extra)` straight, and again stopped after step 3 and resumed: the losses must be equal
+    and finite, and the two final checkpoints must load to bitwise-equal states (the method's, and with
+    `optimizer` the optimizer's too). Returns (the straight run's result, a trainer holding the resumed run's
+    final state, that state)."""
+    import copy
+
+    from pretrain.train import Trainer
+
+    full = Trainer(config(root / "straight")).fit()
+    first = Trainer(config(root / "split")).fit(until=3)
+    resumed = Trainer(config(root / "split"))
+    assert resumed.step == 3
+    second = resumed.fit()
+    assert first.losses + second.losses == full.losses
+    assert all(math.isfinite(loss) for loss in full.losses)
+    straight = Trainer(config(root / "straight", "train.resume=none"))
+    states = []
+    for checkpoint in (full.checkpoint, second.checkpoint):
+        straight.engine.load_tensors(straight.model, straight.optimizer, checkpoint)
+        state = copy.deepcopy(straight.model.state_dict())
+        states.append((state, copy.deepcopy(straight.optimizer.state_dict())) if optimizer else state)
+    assert_equal_states(states[1], states[0], what)
+    return full, straight, states[1]
 
 
 def assert_equal_states(a, b, where: str = "") -> None:
