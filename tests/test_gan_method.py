@@ -25,7 +25,7 @@ from pretrain.recipes import load_config
 from pretrain.train import Trainer
 from pretrain.visualize import image_grid
 
-from tiny import check_resume, tiny_overrides
+from tiny import assert_equal_states, check_resume, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,12 @@ def test_each_update_touches_only_its_players_parameters(tmp_path, digit_shards)
     assert {int(state[p]["step"]) for p in d_params} == {4} and {int(state[p]["step"]) for p in g_params} == {2}
     assert not any(p.requires_grad for p in method.generator_ema.parameters())  # in no player's groups
     assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(d_params) + len(g_params)
+
+
+def test_the_ema_generator_starts_as_the_generator():
+    for arch in (STYLEGAN_TINY, DCGAN_TINY):
+        method = build_method(load_config(None, [*arch, "data.image_size=16", "data.batch_size=4"]))
+        assert_equal_states(method.generator_ema.state_dict(), method.generator.state_dict(), "generator_ema")
 
 
 def test_the_losses_are_the_formulas(tmp_path):

@@ -14,6 +14,7 @@ so a resumed run and any world size draw the same numbers.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -95,8 +96,8 @@ class GANTraining(Method):
         super().__init__()
         self.cfg, self.image_size, self.seed = cfg, image_size, seed
         self.generator, self.discriminator = build_networks(cfg, image_size)
-        self.generator_ema, _ = build_networks(cfg, image_size)
-        self.generator_ema.requires_grad_(False)
+        # Starts equal to the generator (init_weights copies it again after an engine's meta-device build).
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._step: int | None = None  # host copy of steps_done, read once (after a resume) then kept in step
 
