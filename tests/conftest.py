@@ -8,8 +8,9 @@ import os
 # before anything else so the kernel tests run through the interpreter on this CPU-only suite.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """`mktemp` for a module's fixtures (trained runs, checkpoints), removed once the module's tests are done: the
+    suite writes several GB of checkpoints, more than a CI machine's disk may have free at once. Each test's own
+    tmp_path goes when it passes (pyproject: tmp_path_retention_policy)."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -59,4 +76,6 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("engine-runs") / "runs.pt"
     runs = [run for run, _ in CASES.values() if runnable(run)]
     torchrun(2, [str(REPO / "tests/dist_engine_runs.py"), str(out), *runs])
-    return torch.load(out)
+    runs = torch.load(out)
+    out.unlink()  # hundreds of MB, held in memory from here
+    return runs

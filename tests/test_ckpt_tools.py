@@ -22,9 +22,9 @@ from tiny import tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, digit_shards: Path):
+def trained(module_tmp, digit_shards: Path):
     """A finished 2-step run: (trainer, its final checkpoint directory)."""
-    out = tmp_path_factory.mktemp("run")
+    out = module_tmp("run")
     cfg = load_config(None, tiny_overrides(out, digit_shards, "train.steps=2", "tracking.enabled=false"))
     trainer = Trainer(cfg)
     result = trainer.fit()

@@ -45,8 +45,8 @@ def distill_method(*extra: str):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, digit_shards):
-    out = tmp_path_factory.mktemp("teacher")
+def teacher(module_tmp, digit_shards):
+    out = module_tmp("teacher")
     return Trainer(dinov2_config(out, digit_shards, "model.size=small", "train.steps=2")).fit().checkpoint
 
 

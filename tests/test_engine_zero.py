@@ -283,8 +283,8 @@ def launch(args: list[str], nproc: int | None = None, timeout: float = 300, scri
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("zero")
+def trained(module_tmp) -> Path:
+    root = module_tmp("zero")
     launch(["train", str(root), *RUNS], nproc=2)
     return root
 

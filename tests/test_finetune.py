@@ -41,9 +41,9 @@ SMALL = ["data.image_size=16", "data.batch_size=8", "data.num_workers=0", "data.
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, digit_shards) -> Path:
+def pretrained(module_tmp, digit_shards) -> Path:
     """A one-step MAE run (ViT-tiny/4 on 16 px digits), tracked in its own sqlite store: what is fine-tuned."""
-    out = tmp_path_factory.mktemp("pretrained")
+    out = module_tmp("pretrained")
     cfg = load_config(None, tiny_overrides(out, digit_shards, "train.steps=1", "optim.warmup_steps=1", "run.name=mae"))
     return Trainer(cfg).fit().checkpoint
 

@@ -54,9 +54,9 @@ GPT_TINY = [
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory, digit_shards):
+def tokens(module_tmp, digit_shards):
     """A VQ tokenizer trained 3 steps on the digits, and the digits' token shards it writes."""
-    root = tmp_path_factory.mktemp("tokens")
+    root = module_tmp("tokens")
     cfg = load_config(None, tiny_overrides(root, digit_shards, "tracking.enabled=false", *TOKENIZER))
     tokenizer_run = Trainer(cfg).fit().checkpoint.parent.parent
     out = root / "digits_tokens"

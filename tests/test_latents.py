@@ -28,9 +28,9 @@ def identity(x, gen):
 
 
 @pytest.fixture(scope="module")
-def vae_checkpoint(tmp_path_factory, digit_shards) -> Path:
+def vae_checkpoint(module_tmp, digit_shards) -> Path:
     """Two steps of the `vae` method (f4, 4 latent channels, with the GAN on) on 16 px digits."""
-    out = tmp_path_factory.mktemp("vae")
+    out = module_tmp("vae")
     cfg = load_config(
         None,
         [
@@ -64,8 +64,8 @@ def vae_checkpoint(tmp_path_factory, digit_shards) -> Path:
 
 
 @pytest.fixture(scope="module")
-def latent_shards(tmp_path_factory, digit_shards, vae_checkpoint) -> Path:
-    out = tmp_path_factory.mktemp("latents")
+def latent_shards(module_tmp, digit_shards, vae_checkpoint) -> Path:
+    out = module_tmp("latents")
     write_latent_shards(load_vae(vae_checkpoint), digit_shards, out, vae_name=str(vae_checkpoint), shard_size=256)
     return out
 

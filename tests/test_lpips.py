@@ -59,8 +59,8 @@ def features() -> nn.Sequential:
 
 
 @pytest.fixture(scope="module")
-def weight_files(features: nn.Sequential, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("lpips-weights")
+def weight_files(features: nn.Sequential, module_tmp) -> tuple[Path, Path]:
+    folder = module_tmp("lpips-weights")
     torch.manual_seed(1)
     torch.save(torchvision_checkpoint(features), folder / "vgg16-397923af.pth")
     torch.save(lin_checkpoint(), folder / "vgg.pth")
