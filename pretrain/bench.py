@@ -74,7 +74,7 @@ def _synthetic_record(cfg: Config, gen: torch.Generator) -> Any:
         side = cfg.method.gpt.token_grid
         return torch.randint(0, cfg.method.gpt.vocab_size, (side, side), generator=gen, dtype=torch.int16)
     dit = cfg.method.dit
-    if cfg.method.name == "dit" and dit.space == "latent":
+    if cfg.method.name in ("dit", "dit_distill") and dit.space == "latent":
         side = dit.input_size
         return torch.stack(
             [torch.randn(dit.in_channels, side, side, generator=gen), torch.ones(dit.in_channels, side, side)]

@@ -1,5 +1,5 @@
 """`pretrain sample`: class-conditional samples of a generative checkpoint as a PNG grid: a DiT's (its EMA
-weights, by an ODE sampler), a PixelCNN's (pixel by pixel), a token transformer's (token by token, decoded
+weights, by an ODE sampler; a distilled student's in its few steps), a PixelCNN's (pixel by pixel), a token transformer's (token by token, decoded
 by its VQ tokenizer) or a GAN's (its EMA generator, in one pass)."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pretrain.visualize import image_grid
 @dataclass
 class SampleOptions:
     """What `pretrain sample` may set; None takes the checkpoint's configured value. Each method reads its own:
-    DiT the ODE's steps, sampler, guidance and EMA choice; the token transformer temperature, top-k, top-p,
+    DiT the ODE's steps (a distilled student's: its few), sampler, guidance and EMA choice; the token transformer temperature, top-k, top-p,
     guidance and the KV cache; a GAN the truncation psi (StyleGAN); PixelCNN none."""
 
-    steps: int = 50
+    steps: int | None = None
     cfg_scale: float | None = None
     sampler: str = "euler"
     use_ema: bool = True
@@ -55,8 +55,8 @@ def sample_grid(
     kinds = (RectifiedFlowDiT, PixelCNNMethod, TokenAutoregressive, GANTraining)
     if not isinstance(method, kinds):
         raise ValueError(
-            f"{path} was trained with method.name={cfg.method.name!r}; sampling needs a 'dit', 'pixelcnn', 'gpt' or "
-            "'gan' checkpoint"
+            f"{path} was trained with method.name={cfg.method.name!r}; sampling needs a 'dit', 'dit_distill', "
+            "'pixelcnn', 'gpt' or 'gan' checkpoint"
         )
     network = method.inference_network()
     if network.num_classes and not 0 <= label < network.num_classes:
@@ -86,16 +86,17 @@ def sample_grid(
             f"top-p {options.top_p or method.top_p:g}, guidance scale s={scale:g}"
         )
         return image_grid(method.decode(tokens), nrow=nrow), how
+    steps = options.steps or method.sample_steps
     latents = method.generate(
         labels,
-        options.steps,
+        steps,
         scale,
         options.sampler,
         generator,
         use_ema=options.use_ema,
         guided_channels=options.guided_channels,
     )
-    how = f"{options.sampler}, {options.steps} steps, guidance scale s={scale:g}"
+    how = f"{method.sampler_name(options.sampler)}, {steps} steps, guidance scale s={scale:g}"
     return image_grid(method.decode(latents), nrow=nrow), how
 
 
@@ -140,7 +141,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "same on logits); 1 = no guidance (default: the checkpoint's method.*.sample_cfg_scale)",
     )
     dit = p.add_argument_group("DiT")
-    dit.add_argument("--steps", type=int, default=50, help="ODE steps (default 50; Heun uses 2 model calls per step)")
+    dit.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: the checkpoint's method.dit.sample_steps; a progressive student's "
+        "method.dit_distill.student_steps); Heun uses 2 model calls per step, a consistency student 1",
+    )
     dit.add_argument(
         "--guided-channels",
         type=int,

@@ -99,12 +99,23 @@ METHODS = {
         "method.dit.num_classes=10",
     ],
 }
+# Diffusion distillation: the student's forward plus, without grad, two teacher steps (progressive), a teacher step
+# and the EMA target (consistency), or the teacher on the doubled batch (guidance; only the student has the
+# guidance-scale input).
+for _mode, _guidance in (("progressive", "false"), ("consistency", "true"), ("guidance", "true")):
+    METHODS[f"dit_distill_{_mode}"] = [
+        *METHODS["dit"],
+        "method.name=dit_distill",
+        f"method.dit_distill.mode={_mode}",
+        'method.dit_distill.teacher_checkpoint="unread"',
+        f"method.dit.guidance_embed={_guidance}",
+    ]
 
 
 def small_batch(cfg) -> dict:
     gen = torch.Generator().manual_seed(0)
     size = cfg.data.image_size
-    if cfg.method.name == "dit":
+    if cfg.method.name in ("dit", "dit_distill"):
         side, channels = cfg.method.dit.input_size, cfg.method.dit.in_channels
         return {
             "image": torch.randn(BATCH, channels, side, side, generator=gen),

@@ -69,7 +69,9 @@ def evaluate_fid(
     start = time.perf_counter()
     cfg, method, path = load_method(checkpoint)
     if not isinstance(method, RectifiedFlowDiT):
-        raise ValueError(f"{path} was trained with method.name={cfg.method.name!r}; FID needs a 'dit' checkpoint")
+        raise ValueError(
+            f"{path} was trained with method.name={cfg.method.name!r}; FID needs a 'dit' or 'dit_distill' checkpoint"
+        )
     device = resolve_device(cfg.run.device, WorldInfo())
     inception = load_fid_inception(inception_weights).to(device)
     fake = generated_images(method.to(device), per_class, steps, cfg_scale, sampler, seed)

@@ -14,7 +14,7 @@ from data_pipeline.manifest import Manifest
 from pretrain.activation_memory import STAT, blocks_bytes, dit_block
 from pretrain.config import Config, ConfigError, bounded, check_choice
 from pretrain.diffusion.flow import flow_matching_loss, interpolate, logit_normal_timesteps
-from pretrain.diffusion.sampling import Sampler, guided_velocity, sample
+from pretrain.diffusion.sampling import Sampler, VelocityFn, guided_velocity, sample
 from pretrain.diffusion.transforms import latent_transform, pixel_transform, to_unit
 from pretrain.flops import FlopCount, block_flops, linear_flops, mlp_flops
 from pretrain.methods.base import Method
@@ -64,6 +64,9 @@ class DiTConfig:
     # Guide only the first N channels (the released DiT sampler: 3 of 4 latent channels); 0 = all.
     sample_guided_channels: int = bounded(0, ge=0)
     sampler: Sampler = "euler"
+    # The network also takes the guidance scale s as an input (guidance distillation's student, trained by
+    # method dit_distill from a teacher without it); method dit refuses it.
+    guidance_embed: bool = False
 
 
 class RectifiedFlowDiT(Method):
@@ -159,10 +162,24 @@ class RectifiedFlowDiT(Method):
             noise = torch.randn(shape, generator=generator, device=device)
             scale = self.sample_cfg_scale if cfg_scale is None else cfg_scale
             channels = self.sample_guided_channels if guided_channels is None else guided_channels
-            velocity = guided_velocity(net, labels.to(device), scale, net.null_class, channels)
-            return sample(velocity, noise, steps or self.sample_steps, sampler or self.sampler, self.t_shift)
+            velocity = self.velocity(net, labels.to(device), scale, channels)
+            return self.integrate(velocity, noise, steps or self.sample_steps, sampler or self.sampler, generator)
         finally:
             net.train(was_training)
+
+    def velocity(self, net: DiT, labels: Tensor, scale: float, guided_channels: int) -> VelocityFn:
+        """The ODE's velocity for `labels` at guidance scale s: one forward of the doubled batch when s != 1."""
+        return guided_velocity(net, labels, scale, net.null_class, guided_channels)
+
+    def integrate(
+        self, velocity: VelocityFn, noise: Tensor, steps: int, sampler: str, generator: torch.Generator | None
+    ) -> Tensor:
+        """Noise at t = 1 -> a sample at t = 0, by the ODE sampler `sampler` on the shifted grid of `steps` steps."""
+        return sample(velocity, noise, steps, sampler, self.t_shift)
+
+    def sampler_name(self, sampler: str) -> str:
+        """How `integrate` samples with `sampler`, in words (for `pretrain sample`'s message)."""
+        return sampler
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
@@ -218,9 +235,11 @@ def _latent_scale_or_placeholder(cfg: Config) -> float:
         return 1.0
 
 
-def build(cfg: Config) -> RectifiedFlowDiT:
+def build_network(cfg: Config, class_dropout: float | None = None, guidance_embed: bool | None = None) -> DiT:
+    """The DiT of method.dit; `class_dropout` and `guidance_embed` override the section's (a distillation's
+    networks drop no labels themselves, and its teacher may lack the student's guidance input)."""
     dit = cfg.method.dit
-    model = build_dit(
+    return build_dit(
         dit.size,
         hidden_dim=dit.hidden_dim,
         depth=dit.depth,
@@ -229,11 +248,16 @@ def build(cfg: Config) -> RectifiedFlowDiT:
         patch_size=dit.patch_size,
         in_channels=dit.in_channels,
         num_classes=dit.num_classes,
-        class_dropout=dit.class_dropout,
+        class_dropout=dit.class_dropout if class_dropout is None else class_dropout,
         attn_backend=cfg.model.attn_backend,
+        guidance_embed=dit.guidance_embed if guidance_embed is None else guidance_embed,
     )
-    return RectifiedFlowDiT(
-        model,
+
+
+def method_settings(cfg: Config) -> dict:
+    """RectifiedFlowDiT's keyword arguments from method.dit (and the latent manifest)."""
+    dit = cfg.method.dit
+    return dict(
         t_mean=dit.t_mean,
         t_std=dit.t_std,
         t_shift=dit.t_shift,
@@ -248,6 +272,10 @@ def build(cfg: Config) -> RectifiedFlowDiT:
     )
 
 
+def build(cfg: Config) -> RectifiedFlowDiT:
+    return RectifiedFlowDiT(build_network(cfg), **method_settings(cfg))
+
+
 def train_transform(cfg: Config):
     dit = cfg.method.dit
     if dit.space == "pixel":
@@ -256,6 +284,16 @@ def train_transform(cfg: Config):
 
 
 def validate(cfg: Config) -> None:
+    validate_network(cfg)
+    if cfg.method.dit.guidance_embed:
+        raise ConfigError(
+            "method.dit.guidance_embed: a DiT learns its guidance input from a teacher; train one with "
+            "method.name = 'dit_distill', method.dit_distill.mode = 'guidance'"
+        )
+
+
+def validate_network(cfg: Config) -> None:
+    """The checks of method.dit that every method training a DiT (dit, dit_distill) shares."""
     dit = cfg.method.dit
     check_choice("method.dit.size", dit.size, DIT_SIZES)
     if dit.input_size % dit.patch_size:
@@ -274,22 +312,27 @@ def validate(cfg: Config) -> None:
 
 
 def flops(cfg: Config) -> FlopCount:
-    """Patch embedding, timestep MLP, per block adaLN (6 x dim^2 per sample) + attention + MLP, final adaLN
-    and linear: one forward of the online network (the rectified-flow step; the EMA copy is not run)."""
+    """One forward of the online network (the rectified-flow step; the EMA copy is not run)."""
+    return FlopCount(forward_flops(cfg))
+
+
+def forward_flops(cfg: Config, guidance_embed: bool | None = None) -> float:
+    """One forward of the DiT of method.dit: patch embedding, timestep MLP (and the guidance scale's), per block
+    adaLN (6 x dim^2 per sample) + attention + MLP, final adaLN and linear."""
     dit = cfg.method.dit
     dim0, depth0, _ = DIT_SIZES[dit.size]
     dim, depth = dit.hidden_dim or dim0, dit.depth or depth0
     tokens = (dit.input_size // dit.patch_size) ** 2
     patch_dim = dit.patch_size**2 * dit.in_channels
     freq_dim = 256  # TimestepEmbedder's sinusoidal features
-    total = (
+    embedders = 2 if (dit.guidance_embed if guidance_embed is None else guidance_embed) else 1
+    return (
         linear_flops(tokens, patch_dim, dim)
-        + mlp_flops([freq_dim, dim, dim])
+        + embedders * mlp_flops([freq_dim, dim, dim])
         + depth * (linear_flops(1, dim, 6 * dim) + block_flops(tokens, dim))
         + linear_flops(1, dim, 2 * dim)
         + linear_flops(tokens, dim, patch_dim)
     )
-    return FlopCount(total)
 
 
 def activations(cfg: Config, act: int, checkpointing: bool) -> dict[str, int]:

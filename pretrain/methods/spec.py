@@ -46,8 +46,9 @@ class MethodSpec:
     # cfg, micro-batch, bytes per element -> the collectives the method issues itself every micro-step.
     collectives: Callable[[Config, int, int], list[Collective]] | None = None
     # Whether the averaged network of `ema_pairs` (momentum encoder, teacher) runs forward in training, so
-    # a sharded copy of it is gathered every step; an EMA kept only for sampling (DiT) does not.
-    averaged_network_runs_forward: bool = False
+    # a sharded copy of it is gathered every step; an EMA kept only for sampling (DiT) does not. A function of
+    # the config where a setting decides it.
+    averaged_network_runs_forward: bool | Callable[[Config], bool] = False
     # cfg -> the crops of each image the train transform makes; None: not random-resized crops (DiT latents,
     # the VAE's and pixel DiT's own transforms), so backends that crop by themselves cannot feed it.
     crop_views: Callable[[Config], CropViews] | None = None

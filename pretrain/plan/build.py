@@ -235,7 +235,7 @@ def make_plan(cfg: Config, options: PlanOptions) -> dict:
             "decode_rate_source": options.decode_rate_source,
             "cores_per_node": images_per_node / options.decode_rate,
             "note": "DiT on latent shards reads .npy latents, not JPEGs: the JPEG decode rate does not apply"
-            if cfg.method.name == "dit" and cfg.method.dit.space == "latent"
+            if cfg.method.name in ("dit", "dit_distill") and cfg.method.dit.space == "latent"
             else "one decode per image; multi-view methods crop and resize each view, so their per-core rate is lower",
         },
     }

@@ -23,4 +23,5 @@ def method_collectives(cfg: Config, micro_batch: int, act: int) -> list[Collecti
 
 
 def averaged_network_runs_forward(cfg: Config) -> bool:
-    return METHODS[cfg.method.name].averaged_network_runs_forward
+    runs = METHODS[cfg.method.name].averaged_network_runs_forward
+    return runs(cfg) if callable(runs) else runs
