@@ -9,16 +9,21 @@
   samples at guidance scales s = 1 (none), 1.5, 2, 3, and sampling time with and without the KV cache (the
   tokens are checked equal);
 - the GANs (configs/dcgan_digits.toml, configs/stylegan_digits.toml): samples of the EMA generator, StyleGAN's
-  also with truncation psi 0.7, and latent interpolations saved as pictures.
+  also with truncation psi 0.7, and latent interpolations saved as pictures;
+- diffusion distillation of the DiT below: its guidance student (configs/dit_guidance_digits.toml), progressive
+  rounds from it down to one step (configs/dit_progressive_digits.toml) and a consistency student
+  (configs/dit_consistency_digits.toml), at 1, 2 and 4 steps with and without guidance, next to the teacher at
+  50 steps, with the sampling wall time of each.
 
 Samples are scored as in dit_digits.py by a small CNN trained on the real training digits: the fraction of
 class-c samples it calls c, and the Frechet distance of its 128-d features to the real training digits. The
 pixel-space DiT of dit_digits.py is trained and scored in the same run, by the same classifier, at the same
 guidance scales.
 
-    OMP_NUM_THREADS=1 python benchmarks/generative_digits.py --workdir runs/generative_digits   # ~40 min, 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/generative_digits.py --workdir runs/generative_digits   # ~45 min, 2 cores
     python benchmarks/generative_digits.py --pixelcnn-steps 50 --vq-steps 50 --gpt-steps 50 --dit-steps 50 \
-        --dcgan-steps 50 --stylegan-steps 50 --per-class 5  # a smoke run
+        --dcgan-steps 50 --stylegan-steps 50 --guidance-steps 20 --progressive-steps 10 --progressive-from 4 \
+        --consistency-steps 20 --per-class 5  # a smoke run
 
 (with the project installed, `pip install -e .`, or PYTHONPATH set to the repository root)
 """
@@ -180,9 +185,9 @@ def gan_rows(args, arch: str, workdir: Path, shards: Path, classifier, real_feat
     return rows, {"training": seconds, "final_train_loss": loss, "sampling": sampling}
 
 
-def dit_rows(args, workdir: Path, shards: Path, classifier, real_features) -> tuple[dict, dict]:
+def dit_rows(args, workdir: Path, shards: Path, classifier, real_features) -> tuple[dict, dict, Path]:
     """The pixel-space DiT of dit_digits.py, trained and scored here with the same classifier, at the same
-    guidance scales (Euler, --dit-sample-steps steps)."""
+    guidance scales (Euler, --dit-sample-steps steps); its checkpoint is the distillations' teacher."""
     checkpoint, seconds, loss = train("dit_digits.toml", workdir, args.dit_steps, f'data.shards="{shards}"')
     _, method, _ = load_method(checkpoint)
     rows, sampling = {}, {}
@@ -193,7 +198,83 @@ def dit_rows(args, workdir: Path, shards: Path, classifier, real_features) -> tu
         rows[f"DiT (EMA), s={scale:g}, euler {args.dit_sample_steps} steps"] = score(
             classifier, images, labels, real_features
         )
-    return rows, {"training": seconds, "final_train_loss": loss, "sampling": sampling}
+    return rows, {"training": seconds, "final_train_loss": loss, "sampling": sampling}, checkpoint
+
+
+def sampled_rows(name: str, checkpoint: Path, steps: list[int], args, classifier, real_features) -> tuple[dict, dict]:
+    """Rows of a DiT or a distilled student's EMA samples at each step count and at s = 1 and --distill-scale, with
+    their sampling wall time (--per-class samples of every class, one batch)."""
+    _, method, _ = load_method(checkpoint)
+    rows, sampling = {}, {}
+    for count in steps:
+        for scale in (1.0, args.distill_scale):
+            start = time.perf_counter()
+            images, labels = generate_dit(method, args.per_class, count, scale, "euler", args.seed)
+            key = f"{name}, s={scale:g}, {count} step{'s' if count > 1 else ''}"
+            sampling[key] = time.perf_counter() - start
+            rows[key] = score(classifier, images, labels, real_features)
+    return rows, sampling
+
+
+def distill_rows(args, workdir: Path, shards: Path, teacher: Path, classifier, real_features) -> tuple[dict, dict]:
+    """The DiT teacher at 50 steps; its guidance student (dit_guidance_digits); from that, progressive rounds down
+    to one step (dit_progressive_digits) and a consistency student (dit_consistency_digits); every student
+    sampled at s = 1 (no guidance) and at --distill-scale."""
+    data = f'data.shards="{shards}"'
+    rows, timing = {}, {}
+    found, timing["teacher_sampling"] = sampled_rows(
+        "DiT teacher (guided by the doubled batch)",
+        teacher,
+        [args.teacher_sample_steps],
+        args,
+        classifier,
+        real_features,
+    )
+    rows |= found
+    guidance, seconds, loss = train(
+        "dit_guidance_digits.toml",
+        workdir,
+        args.guidance_steps,
+        data,
+        f'method.dit_distill.teacher_checkpoint="{teacher}"',
+    )
+    timing["guidance"] = {"training": seconds, "final_train_loss": loss}
+    found, timing["guidance"]["sampling"] = sampled_rows(
+        "guidance student", guidance, [args.teacher_sample_steps], args, classifier, real_features
+    )
+    rows |= found
+    previous, steps, rounds = guidance, args.progressive_from, []
+    while steps >= 1:
+        checkpoint, seconds, loss = train(
+            "dit_progressive_digits.toml",
+            workdir,
+            args.progressive_steps,
+            data,
+            f"run.name=dit_progressive_digits_{steps}",
+            f"method.dit_distill.student_steps={steps}",
+            f'method.dit_distill.teacher_checkpoint="{previous}"',
+        )
+        rounds.append({"student_steps": steps, "training": seconds, "final_train_loss": loss})
+        if steps in (4, 2, 1):
+            found, rounds[-1]["sampling"] = sampled_rows(
+                "progressive student", checkpoint, [steps], args, classifier, real_features
+            )
+            rows |= found
+        previous, steps = checkpoint, steps // 2
+    timing["progressive_rounds"] = rounds
+    consistency, seconds, loss = train(
+        "dit_consistency_digits.toml",
+        workdir,
+        args.consistency_steps,
+        data,
+        f'method.dit_distill.teacher_checkpoint="{guidance}"',
+    )
+    timing["consistency"] = {"training": seconds, "final_train_loss": loss}
+    found, timing["consistency"]["sampling"] = sampled_rows(
+        "consistency student", consistency, [1, 2, 4], args, classifier, real_features
+    )
+    rows |= found
+    return rows, timing
 
 
 def main() -> int:
@@ -205,6 +286,18 @@ def main() -> int:
     parser.add_argument("--stylegan-steps", type=int, default=800, help="StyleGAN training steps; 0: no row")
     parser.add_argument("--dit-steps", type=int, default=2500, help="DiT training steps; 0: no DiT rows")
     parser.add_argument("--dit-sample-steps", type=int, default=25, help="the DiT's Euler steps per sample")
+    parser.add_argument("--guidance-steps", type=int, default=600, help="guidance student; 0: no distillation rows")
+    parser.add_argument("--progressive-steps", type=int, default=300, help="training steps of each progressive round")
+    parser.add_argument(
+        "--progressive-from", type=int, default=16, help="the first round's student steps (a power of 2)"
+    )
+    parser.add_argument("--consistency-steps", type=int, default=1000)
+    parser.add_argument(
+        "--teacher-sample-steps", type=int, default=50, help="the teacher's and guidance student's steps"
+    )
+    parser.add_argument(
+        "--distill-scale", type=float, default=1.5, help="the guided rows' scale s of the distillations"
+    )
     parser.add_argument(
         "--per-class", type=int, default=100, help="transformer, GAN and DiT samples per class and setting"
     )
@@ -237,8 +330,11 @@ def main() -> int:
                 found, seconds[arch] = gan_rows(args, arch, workdir, shards, classifier, real_features)
                 rows |= found
         if args.dit_steps:
-            found, seconds["dit"] = dit_rows(args, workdir, shards, classifier, real_features)
+            found, seconds["dit"], teacher = dit_rows(args, workdir, shards, classifier, real_features)
             rows |= found
+            if args.guidance_steps:
+                found, seconds["distillation"] = distill_rows(args, workdir, shards, teacher, classifier, real_features)
+                rows |= found
 
     device = device_info()
     command = " ".join(["python", str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]])
@@ -256,7 +352,8 @@ def main() -> int:
         "digits, against those training digits; accuracy: that CNN's labels for samples of each class. The VQ row "
         "scores the test digits passed through their tokens. Bits per token are of the 64-code tokens, not "
         "comparable with PixelCNN's bits per pixel value. The DiT is configs/dit_digits.toml as benchmarks/dit_digits.py "
-        "trains it, scored here by the same classifier. Timings were measured on a 2-core VM shared with other jobs.",
+        "trains it, scored here by the same classifier; it is the distillations' teacher. Distilled students take "
+        "the guidance scale as an input (one forward per step at any s); the teacher guides by the doubled batch. Timings were measured on a 2-core VM shared with other jobs.",
     }
     out = Path(args.out) / f"generative_digits_{device['type']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
