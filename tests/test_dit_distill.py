@@ -172,6 +172,14 @@ def test_a_one_step_student_samples_with_one_network_evaluation(tmp_path, digit_
     with torch.no_grad():
         one = noise - method.ema(noise, torch.ones(2), labels, guidance=torch.full((2,), 2.0))
     assert torch.equal(images, one)
+    # The pictures: the student's samples, and the teacher's row (in the steps the student stands for) over its own.
+    calls.clear()
+    teacher_calls = []
+    method.teacher.register_forward_hook(lambda module, args, out: teacher_calls.append(args))
+    pictures = method.visuals({})
+    assert pictures["teacher_vs_student"].shape == (2 * 18 + 2, 10 * 18 + 2, 3)
+    assert len(calls) == 2 * 2  # the student's grid and its row, 2 steps each
+    assert len(teacher_calls) == 4  # 2 x a progressive student's 2 steps; a consistency student's 4 scales
 
 
 def test_teacher_checks_run_before_any_work(tmp_path, digit_shards, teacher, guidance_teacher) -> None:
@@ -230,8 +238,8 @@ def test_pretrain_sample_takes_a_students_few_steps(tmp_path, digit_shards, guid
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_with_the_teacher_sharded(tmp_path, digit_shards, guidance_teacher, engine):
     """Consistency distillation (teacher, EMA target and student all run every step): 2 ranks x 1 stream == 1
-    process with 2 data workers and 2 micro-batches per step; under FSDP the teacher is loaded into its shards,
-    and a 2-rank run stopped after step 2 and resumed from its sharded checkpoint repeats the straight one."""
+    process with 2 data workers and 2 micro-batches per step; under FSDP (built on the meta device) the teacher is loaded
+    into the materialized shards, and a 2-rank run stopped after step 2 and resumed from its sharded checkpoint repeats the straight one."""
     steps = ["train.steps=3", "optim.warmup_steps=1"]
     one = distill_config(
         tmp_path / "one",
@@ -249,7 +257,8 @@ def test_two_ranks_match_one_process_with_the_teacher_sharded(tmp_path, digit_sh
 
     def two_ranks(out: Path, *extra: str) -> list[dict]:
         overrides = distill_overrides(out, digit_shards, guidance_teacher, "consistency", *steps, stage_two=True)
-        sets = [x for o in [*overrides, f"engine.kind={engine}"] for x in ("--set", o)]
+        meta = ["engine.fsdp.meta_init=true"] if engine == "fsdp" else []  # the teacher loaded into built shards
+        sets = [x for o in [*overrides, f"engine.kind={engine}", *meta] for x in ("--set", o)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
         cmd += ["-m", "pretrain.cli", "train", str(empty), *sets, *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -150,10 +150,12 @@ class RectifiedFlowDiT(Method):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         guided_channels: int | None = None,
+        network: DiT | None = None,
     ) -> Tensor:
-        """Samples in the network's space (latents, or pixels in [-1, 1]) for `labels`, from the EMA weights;
-        `cfg_scale` is the paper's s (1: no guidance)."""
-        net = self.ema if use_ema else self.model
+        """Samples in the network's space (latents, or pixels in [-1, 1]) for `labels`, from the EMA weights
+        (or the online ones, or another DiT of this method: a distillation's teacher); `cfg_scale` is the paper's
+        s (1: no guidance)."""
+        net = network or (self.ema if use_ema else self.model)
         was_training = net.training
         net.eval()
         try:
@@ -163,7 +165,7 @@ class RectifiedFlowDiT(Method):
             scale = self.sample_cfg_scale if cfg_scale is None else cfg_scale
             channels = self.sample_guided_channels if guided_channels is None else guided_channels
             velocity = self.velocity(net, labels.to(device), scale, channels)
-            return self.integrate(velocity, noise, steps or self.sample_steps, sampler or self.sampler, generator)
+            return self.integrate(velocity, noise, steps or self.sample_steps, sampler or self.sampler, generator, net)
         finally:
             net.train(was_training)
 
@@ -172,9 +174,16 @@ class RectifiedFlowDiT(Method):
         return guided_velocity(net, labels, scale, net.null_class, guided_channels)
 
     def integrate(
-        self, velocity: VelocityFn, noise: Tensor, steps: int, sampler: str, generator: torch.Generator | None
+        self,
+        velocity: VelocityFn,
+        noise: Tensor,
+        steps: int,
+        sampler: str,
+        generator: torch.Generator | None,
+        net: DiT,
     ) -> Tensor:
-        """Noise at t = 1 -> a sample at t = 0, by the ODE sampler `sampler` on the shifted grid of `steps` steps."""
+        """Noise at t = 1 -> a sample at t = 0 by `net`'s `velocity`: the ODE sampler `sampler` on the shifted grid
+        of `steps` steps."""
         return sample(velocity, noise, steps, sampler, self.t_shift)
 
     def sampler_name(self, sampler: str) -> str:

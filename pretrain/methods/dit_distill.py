@@ -44,6 +44,7 @@ from pretrain.flops import FlopCount
 from pretrain.methods import dit
 from pretrain.methods.spec import MethodSpec
 from pretrain.models.dit import DIT_SIZES, DiT
+from pretrain.visualize import image_grid
 
 Mode = Literal["progressive", "consistency", "guidance"]
 
@@ -123,10 +124,11 @@ class DistilledDiT(dit.RectifiedFlowDiT):
         which its teacher lacks, keeps its init: its zero output layer makes the student the teacher's
         conditional model at every scale."""
         saved_scale = state.pop("latent_scale")
-        if not torch.equal(saved_scale.float(), self.latent_scale.float().cpu()):
+        ours = torch.tensor(self.initial_latent_scale, dtype=saved_scale.dtype)  # the buffer may be on meta
+        if not torch.equal(saved_scale, ours):
             raise ConfigError(
                 f"method.dit.latent_scale: the teacher trained on latents scaled by {float(saved_scale):g}, this run "
-                f"scales them by {float(self.latent_scale):g}; set it to the teacher's"
+                f"scales them by {self.initial_latent_scale:g}; set it to the teacher's"
             )
         weights = {name.removeprefix("ema."): tensor for name, tensor in state.items()}
         return {f"{net}.{name}": tensor for net in ("teacher", "model", "ema") for name, tensor in weights.items()}
@@ -181,12 +183,19 @@ class DistilledDiT(dit.RectifiedFlowDiT):
         return distilled_guidance_velocity(net, labels, scale)
 
     def integrate(
-        self, velocity: VelocityFn, noise: Tensor, steps: int, sampler: str, generator: torch.Generator | None
+        self,
+        velocity: VelocityFn,
+        noise: Tensor,
+        steps: int,
+        sampler: str,
+        generator: torch.Generator | None,
+        net: DiT,
     ) -> Tensor:
         """A consistency student: multistep consistency sampling at the first `steps` times of the shifted grid
-        (one network call each; fresh noise from `generator` between them); the others: the ODE sampler."""
-        if self.mode != "consistency":
-            return super().integrate(velocity, noise, steps, sampler, generator)
+        (one network call each; fresh noise from `generator` between them); the others, and the teacher: the ODE
+        sampler."""
+        if self.mode != "consistency" or net is self.teacher:
+            return super().integrate(velocity, noise, steps, sampler, generator, net)
         if sampler != "euler":
             raise ValueError(f"a consistency student samples by its own multistep rule, not by {sampler!r}")
         times = time_grid(steps, self.t_shift)[:-1].tolist()
@@ -194,6 +203,25 @@ class DistilledDiT(dit.RectifiedFlowDiT):
 
     def sampler_name(self, sampler: str) -> str:
         return "consistency multistep" if self.mode == "consistency" else sampler
+
+    def teacher_steps(self) -> int:
+        """The teacher's steps the student stands for: twice a progressive student's, the consistency grid's
+        intervals, or as many as a guidance student's."""
+        return {"progressive": 2 * self.student_steps, "consistency": self.scales}.get(self.mode, self.sample_steps)
+
+    @torch.no_grad()
+    def visuals(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The student's samples (as a DiT's), and one row of the teacher's in `teacher_steps` above one of the
+        student's, one column per class, from the same noise."""
+        pictures = super().visuals(batch)
+        labels = torch.arange(min(self.ema.num_classes, 10))
+        device = self.ema.x_embedder.weight.device
+        rows = [
+            self.generate(labels, steps, generator=torch.Generator(device=device).manual_seed(0), network=net)
+            for net, steps in ((self.teacher, self.teacher_steps()), (self.ema, None))
+        ]
+        pictures["teacher_vs_student"] = image_grid(self.decode(torch.cat(rows)), nrow=len(labels))
+        return pictures
 
 
 def build(cfg: Config) -> DistilledDiT:
