@@ -1,6 +1,6 @@
 """`pretrain sample`: class-conditional samples of a generative checkpoint as a PNG grid: a DiT's (its EMA
-weights, by an ODE sampler; a distilled student's in its few steps), a PixelCNN's (pixel by pixel), a token transformer's (token by token, decoded
-by its VQ tokenizer) or a GAN's (its EMA generator, in one pass)."""
+weights, by an ODE sampler; a distilled student's in its few steps), a PixelCNN's (pixel by pixel), a token
+transformer's (token by token, decoded by its VQ tokenizer) or a GAN's (its EMA generator, in one pass)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from pretrain.visualize import image_grid
 @dataclass
 class SampleOptions:
     """What `pretrain sample` may set; None takes the checkpoint's configured value. Each method reads its own:
-    DiT the ODE's steps (a distilled student's: its few), sampler, guidance and EMA choice; the token transformer temperature, top-k, top-p,
-    guidance and the KV cache; a GAN the truncation psi (StyleGAN); PixelCNN none."""
+    DiT the sampler's steps (a distilled student's: its few), sampler, guidance and EMA choice; the token
+    transformer temperature, top-k, top-p, guidance and the KV cache; a GAN the truncation psi (StyleGAN);
+    PixelCNN none."""
 
     steps: int | None = None
     cfg_scale: float | None = None

@@ -34,19 +34,23 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
-    """`mktemp` for a module's fixtures (trained runs, checkpoints), removed once the module's tests are done: the
-    suite writes several GB of checkpoints, more than a CI machine's disk may have free at once. Each test's own
-    tmp_path goes when it passes (pyproject: tmp_path_retention_policy)."""
+def module_tmp(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Callable[[str], Path]]:
+    """`mktemp` for a module's fixtures (trained runs, checkpoints), removed once the module's tests are done, unless
+    one of them failed: the suite writes several GB of checkpoints, more than a CI machine's disk may have free at
+    once. Each test's own tmp_path goes when it passes (pyproject: tmp_path_retention_policy)."""
     made: list[Path] = []
+    failed_before = request.session.testsfailed
 
     def mktemp(name: str) -> Path:
         made.append(tmp_path_factory.mktemp(name))
         return made[-1]
 
     yield mktemp
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +80,6 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("engine-runs") / "runs.pt"
     runs = [run for run, _ in CASES.values() if runnable(run)]
     torchrun(2, [str(REPO / "tests/dist_engine_runs.py"), str(out), *runs])
-    runs = torch.load(out)
+    results = torch.load(out)
     out.unlink()  # hundreds of MB, held in memory from here
-    return runs
+    return results
