@@ -114,8 +114,14 @@ def test_progressive_loss_regresses_two_teacher_euler_steps(tmp_path, digit_shar
     assert method.teacher.training is False and method.training
 
 
-def test_consistency_loss_against_the_ema_one_teacher_step_closer(tmp_path, digit_shards, guidance_teacher) -> None:
-    cfg = distill_config(tmp_path, digit_shards, guidance_teacher, "consistency", stage_two=True)
+@pytest.mark.parametrize("target, huber_c", [("ema", 0.0), ("student", 0.01)])
+def test_consistency_loss_against_the_target_one_teacher_step_closer(
+    tmp_path, digit_shards, guidance_teacher, target, huber_c
+) -> None:
+    """f of the student at x_t against f of the target network (the EMA, or the student without grad) one teacher
+    step closer to the data; the squared L2 distance, or the pseudo-Huber one of each sample's difference."""
+    extra = [f"method.dit_distill.target={target}", f"method.dit_distill.huber_c={huber_c}"]
+    cfg = distill_config(tmp_path, digit_shards, guidance_teacher, "consistency", *extra, stage_two=True)
     method = Trainer(cfg).method
     perturbed(method)
     x, labels = _batch()
@@ -130,9 +136,15 @@ def test_consistency_loss_against_the_ema_one_teacher_step_closer(tmp_path, digi
     col = lambda s: s.view(-1, 1, 1, 1)  # noqa: E731
     with torch.no_grad():
         x_prev = x_t + col(t_prev - t) * method.teacher(x_t, t, dropped, guidance=scale)
-        target = x_prev - col(t_prev) * method.ema(x_prev, t_prev, dropped, guidance=scale)
+        target_net = method.ema if target == "ema" else method.model
+        goal = x_prev - col(t_prev) * target_net(x_prev, t_prev, dropped, guidance=scale)
     student = x_t - col(t) * method.model(x_t, t, dropped, guidance=scale)
-    torch.testing.assert_close(loss, (student - target).pow(2).mean(), rtol=1e-6, atol=0)
+    if huber_c:
+        expected = ((student - goal).pow(2).sum(dim=(1, 2, 3)) + huber_c**2).sqrt().sub(huber_c).mean()
+    else:
+        expected = (student - goal).pow(2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    assert not torch.equal(method.ema.final_layer.linear.weight, method.model.final_layer.linear.weight)
     assert method.teacher.guidance_embed and method.model.guidance_embed
 
 
