@@ -247,11 +247,12 @@ def test_pretrain_sample_takes_a_students_few_steps(tmp_path, digit_shards, guid
     assert how == "euler, 1 steps, guidance scale s=1" and one.shape == (38, 38, 3)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "deepspeed"])
 def test_two_ranks_match_one_process_with_the_teacher_sharded(tmp_path, digit_shards, guidance_teacher, engine):
     """Consistency distillation (teacher, EMA target and student all run every step): 2 ranks x 1 stream == 1
-    process with 2 data workers and 2 micro-batches per step; under FSDP (built on the meta device) the teacher is loaded
-    into the materialized shards, and a 2-rank run stopped after step 2 and resumed from its sharded checkpoint repeats the straight one."""
+    process with 2 data workers and 2 micro-batches per step. Under FSDP (built on the meta device) and ZeRO-3 the
+    teacher is loaded into the shards; the FSDP run stopped after step 2 and resumed from its sharded checkpoint
+    repeats the straight one."""
     steps = ["train.steps=3", "optim.warmup_steps=1"]
     one = distill_config(
         tmp_path / "one",
@@ -269,11 +270,11 @@ def test_two_ranks_match_one_process_with_the_teacher_sharded(tmp_path, digit_sh
 
     def two_ranks(out: Path, *extra: str) -> list[dict]:
         overrides = distill_overrides(out, digit_shards, guidance_teacher, "consistency", *steps, stage_two=True)
-        meta = ["engine.fsdp.meta_init=true"] if engine == "fsdp" else []  # the teacher loaded into built shards
-        sets = [x for o in [*overrides, f"engine.kind={engine}", *meta] for x in ("--set", o)]
+        sharded = {"fsdp": ["engine.fsdp.meta_init=true"], "deepspeed": ["engine.deepspeed.zero_stage=3"]}
+        sets = [x for o in [*overrides, f"engine.kind={engine}", *sharded.get(engine, [])] for x in ("--set", o)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
         cmd += ["-m", "pretrain.cli", "train", str(empty), *sets, *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
         assert run.returncode == 0, run.stderr[-4000:]
         return [json.loads(line) for line in (out / "tiny_distill" / "metrics.jsonl").read_text().splitlines()]
