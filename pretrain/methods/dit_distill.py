@@ -43,6 +43,7 @@ from pretrain.diffusion.sampling import VelocityFn, time_grid
 from pretrain.flops import FlopCount
 from pretrain.methods import dit
 from pretrain.methods.spec import MethodSpec
+from pretrain.models.class_dropout import drop_labels
 from pretrain.models.dit import DIT_SIZES, DiT
 from pretrain.visualize import image_grid
 
@@ -133,46 +134,38 @@ class DistilledDiT(dit.RectifiedFlowDiT):
         weights = {name.removeprefix("ema."): tensor for name, tensor in state.items()}
         return {f"{net}.{name}": tensor for net in ("teacher", "model", "ema") for name, tensor in weights.items()}
 
-    def drop_labels(self, labels: Tensor) -> Tensor:
-        """Each label replaced by the null class with probability method.dit.class_dropout (global RNG)."""
-        if self.label_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
-        return torch.where(drop, torch.full_like(labels, self.model.null_class), labels)
-
-    def teacher_velocity(self, labels: Tensor, scale: Tensor | None) -> VelocityFn:
-        """The teacher's velocity for `labels`, at the student's scales when it has a guidance input."""
-        if self.teacher.guidance_embed:
-            return lambda x, t: self.teacher(x, t, labels, guidance=scale)
-        return lambda x, t: self.teacher(x, t, labels)
-
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         x = batch["image"]
-        labels = self.drop_labels(batch["label"])
+        labels = drop_labels(batch["label"], self.label_dropout, self.model.null_class)
         noise = torch.randn_like(x)
         batch_size = x.shape[0]
         scale = None
         if self.model.guidance_embed:
             scale = sample_guidance_scales(batch_size, *self.guidance_scales, device=x.device)
-        student = lambda x_in, t: self.model(x_in, t, labels, guidance=scale)  # noqa: E731
+
+        def velocity(net: DiT) -> VelocityFn:
+            """`net`'s velocity for these labels, at these scales when the networks take them (None: no input);
+            a guidance distillation's teacher, without the input, goes through `guidance_target` instead."""
+            return lambda x_in, t_in: net(x_in, t_in, labels, guidance=scale)
+
         if self.mode == "progressive":
             t, t_mid, t_next = student_times(self.student_steps, batch_size, self.t_shift, device=x.device)
             x_t = interpolate(x, noise, t)
-            target = progressive_target(self.teacher_velocity(labels, scale), x_t, t, t_next, t_mid)
-            loss = (student(x_t, t).float() - target.float()).pow(2).mean()
+            target = progressive_target(velocity(self.teacher), x_t, t, t_next, t_mid)
+            prediction = self.model(x_t, t, labels, guidance=scale)
         elif self.mode == "consistency":
             t, t_prev = consistency_times(self.scales, batch_size, self.t_shift, device=x.device)
             x_t = interpolate(x, noise, t)
             target_net = self.ema if self.target == "ema" else self.model
-            target_v = lambda x_in, t_in: target_net(x_in, t_in, labels, guidance=scale)  # noqa: E731
-            target = consistency_target(self.teacher_velocity(labels, scale), target_v, x_t, t, t_prev)
-            loss = consistency_loss(consistency_function(student, x_t, t), target, self.huber_c or None)
+            target = consistency_target(velocity(self.teacher), velocity(target_net), x_t, t, t_prev)
+            prediction = consistency_function(velocity(self.model), x_t, t)
+            return {"loss": consistency_loss(prediction, target, self.huber_c or None)}
         else:
             t = logit_normal_timesteps(batch_size, self.t_mean, self.t_std, self.t_shift, x.device)
             x_t = interpolate(x, noise, t)
             target = guidance_target(self.teacher, x_t, t, labels, scale, self.teacher.null_class)
-            loss = (student(x_t, t).float() - target.float()).pow(2).mean()
-        return {"loss": loss}
+            prediction = self.model(x_t, t, labels, guidance=scale)
+        return {"loss": (prediction.float() - target.float()).pow(2).mean()}
 
     def velocity(self, net: DiT, labels: Tensor, scale: float, guided_channels: int) -> VelocityFn:
         """A student with a guidance input takes s in its one forward; one without is guided as a DiT is."""

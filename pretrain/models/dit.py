@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from pretrain.models.class_dropout import drop_labels
 from pretrain.models.pos_embed import sincos_pos_embed_2d
 from pretrain.models.transformer import Attention, Mlp
 
@@ -173,11 +174,8 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters()) + self.pos_embed.numel() + variance
 
     def drop_labels(self, labels: Tensor) -> Tensor:
-        """Replace each label by the null class with probability `class_dropout`."""
-        if self.class_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        """Replace each label by the null class with probability `class_dropout` (the global RNG)."""
+        return drop_labels(labels, self.class_dropout, self.null_class)
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         """[B, L, p*p*C] -> [B, C, H, W], the inverse of the strided patch embedding's layout."""

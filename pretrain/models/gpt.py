@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.models.class_dropout import drop_labels
 from pretrain.models.transformer import Attention, Mlp
 
 # GPT-2's sizes (Radford et al. 2019): width, depth, heads. "medium" (350M with a 50k vocabulary) is LlamaGen's
@@ -181,10 +182,7 @@ class TokenGPT(nn.Module):
     def drop_labels(self, labels: Tensor, generator: torch.Generator | None) -> Tensor:
         """Each label replaced by the null class with probability `class_dropout`, drawn from `generator` (one
         uniform per label; none at rate 0)."""
-        if self.class_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.class_dropout
-        return labels.masked_fill(drop, self.null_class)
+        return drop_labels(labels, self.class_dropout, self.null_class, generator)
 
     def embed(self, tokens: Tensor, labels: Tensor | None, start: int = 0) -> Tensor:
         """Input vectors [B, n, D] for positions start.. : the class prefix (when labels are given, only at
