@@ -4,9 +4,6 @@ teacher, the teacher checks before any work, exact resume, and few-step sampling
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from pretrain.recipes import load_config
 from pretrain.sample import sample_grid
 from pretrain.train import Trainer
 
-from test_engines import REPO
+from test_engines import torchrun, train_args
 from tiny import assert_equal_states, check_resume
 
 
@@ -271,12 +268,8 @@ def test_two_ranks_match_one_process_with_the_teacher_sharded(tmp_path, digit_sh
     def two_ranks(out: Path, *extra: str) -> list[dict]:
         overrides = distill_overrides(out, digit_shards, guidance_teacher, "consistency", *steps, stage_two=True)
         sharded = {"fsdp": ["engine.fsdp.meta_init=true"], "deepspeed": ["engine.deepspeed.zero_stage=3"]}
-        sets = [x for o in [*overrides, f"engine.kind={engine}", *sharded.get(engine, [])] for x in ("--set", o)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        cmd += ["-m", "pretrain.cli", "train", str(empty), *sets, *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-        assert run.returncode == 0, run.stderr[-4000:]
+        overrides += [f"engine.kind={engine}", *sharded.get(engine, [])]
+        torchrun(2, train_args(overrides, *extra, config=empty), DS_ACCELERATOR="cpu")
         return [json.loads(line) for line in (out / "tiny_distill" / "metrics.jsonl").read_text().splitlines()]
 
     straight = two_ranks(tmp_path / "two")

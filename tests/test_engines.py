@@ -45,9 +45,13 @@ def torchrun(
     return out
 
 
-def train_args(overrides: list[str], *extra: str) -> list[str]:
+def train_args(
+    overrides: list[str], *extra: str, config: Path = REPO / "configs/mae_vit_tiny_digits.toml"
+) -> list[str]:
+    """`pretrain train CONFIG --set ...` for torchrun; an empty `config` makes the run the overrides alone, the
+    same config as `load_config(None, overrides)` in the test's own process."""
     sets = [item for override in overrides for item in ("--set", override)]
-    return ["-m", "pretrain.cli", "train", str(REPO / "configs/mae_vit_tiny_digits.toml"), *sets, *extra]
+    return ["-m", "pretrain.cli", "train", str(config), *sets, *extra]
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -5,9 +5,6 @@ errors, and two ranks (DDP, FSDP) equal to one process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +22,10 @@ from pretrain.recipes import load_config
 from pretrain.train import Trainer
 from pretrain.visualize import image_grid
 
+from test_engines import torchrun, train_args
 from tiny import assert_equal_states, check_resume, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
 
 STYLEGAN_TINY = [
     "method.name=gan",
@@ -193,12 +190,7 @@ def test_two_ranks_match_one_process_and_resume_bit_identically(tmp_path, digit_
 
     def two_ranks(out: Path, *extra: str) -> list[dict]:
         overrides = tiny_overrides(out, digit_shards, "tracking.enabled=false", *STYLEGAN_TINY)
-        sets = [x for o in [*overrides, f"engine.kind={engine}", *steps] for x in ("--set", o)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        cmd += ["-m", "pretrain.cli", "train", str(empty), *sets, *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-        assert run.returncode == 0, run.stderr[-4000:]
+        torchrun(2, train_args([*overrides, f"engine.kind={engine}", *steps], *extra, config=empty))
         return [json.loads(line) for line in (out / "tiny" / "metrics.jsonl").read_text().splitlines()]
 
     straight = two_ranks(tmp_path / "two")
